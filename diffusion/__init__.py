@@ -1,0 +1,1 @@
+"""diffusion: the Coupled Discrete Diffusion (CoDD) output layer for masked diffusion LMs."""

@@ -1,0 +1,22 @@
+"""pclayer: tractable probabilistic circuits with exact queries on CPU and GPU.
+
+Build a circuit from node groups (:func:`inputs`, :func:`multiply`, :func:`summate`) or
+a structure builder (:mod:`pclayer.structures`), :func:`compile` it, then query it:
+``log_prob``, ``posterior``, ``sample``, ``mpe``.
+"""
+
+from pclayer import structures
+from pclayer.circuit import TensorCircuit, compile
+from pclayer.distributions import Bernoulli, Categorical, Gaussian, Indicator
+from pclayer.errors import StructureError, ZeroProbabilityError
+from pclayer.nodes import InputGroup, NodeGroup, ProductGroup, SumGroup, inputs, multiply, summate
+from pclayer.queries import SampleResult, log_prob, mpe, posterior, sample
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Bernoulli", "Categorical", "Gaussian", "Indicator",
+    "InputGroup", "NodeGroup", "ProductGroup", "SumGroup",
+    "SampleResult", "StructureError", "TensorCircuit", "ZeroProbabilityError",
+    "compile", "inputs", "structures", "log_prob", "mpe", "multiply", "posterior", "sample", "summate",
+]

@@ -1,0 +1,141 @@
+"""The compiled circuit: a ``torch.nn.Module`` that runs a :class:`~pclayer.compiler.Plan`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pclayer.compiler import Plan, build_plan
+from pclayer.layers import InputLayer, ProductLayer, SumLayer
+from pclayer.nodes import NodeGroup
+from pclayer.semiring import LOG_SUM, Semiring
+
+_LAYER_TYPES = {"input": InputLayer, "product": ProductLayer, "sum": SumLayer}
+
+
+class TensorCircuit(nn.Module):
+    """A compiled probabilistic circuit over variables ``0..num_vars-1``.
+
+    Parameters are unconstrained: ``sum_*`` and ``cat_*`` tensors hold log-weights that
+    are normalised by a (log-)softmax on use, so any ``torch.optim`` optimizer can train
+    them; ``gauss_*`` tensors hold (mean, log-std). Queries (``log_prob``, ``posterior``,
+    ``sample``, ``mpe``) are thin wrappers of :mod:`pclayer.queries`.
+
+    Attributes:
+        num_vars: number of variables.
+        var_cats: (num_vars,) LongTensor of categories per variable (0 = Gaussian).
+        num_cats: largest category count: the K of soft evidence and posteriors.
+    """
+
+    def __init__(self, plan: Plan, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.plan = plan
+        self.num_vars = plan.num_vars
+        self.register_buffer("var_cats", torch.tensor(plan.var_cats, dtype=torch.long), persistent=False)
+        self.num_cats = max(plan.var_cats) if plan.var_cats else 0
+        self.has_gaussian = any(k == 0 for k in plan.var_cats)
+        self.params = nn.ParameterDict({key: nn.Parameter(value.to(dtype)) for key, value in plan.params.items()})
+        for key, value in plan.fixed.items():
+            self.register_buffer(f"fixed_{key}", value.to(dtype) if value.is_floating_point() else value)
+        self.layers = nn.ModuleList([_LAYER_TYPES[spec["type"]](spec) for spec in plan.layers])
+        self.root = plan.root
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.params.values())).dtype if len(self.params) else self.fixed_dtype()
+
+    def fixed_dtype(self) -> torch.dtype:
+        floats = [b.dtype for b in self.buffers() if b.is_floating_point()]
+        return floats[0] if floats else torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return self.var_cats.device
+
+    def num_parameters(self) -> int:
+        """Number of free parameters (each normalised row counts its size minus one)."""
+        total = 0
+        for key, value in self.params.items():
+            if key.startswith("gauss_"):
+                total += value.numel()
+            elif key.startswith("sparse_"):
+                mask = getattr(self, f"fixed_{key}_mask")
+                total += int(mask.sum()) - mask.shape[0]
+            else:
+                total += value.numel() - value[..., 0].numel()
+        return total
+
+    def log_tables(self) -> dict[str, torch.Tensor]:
+        """Normalised log-parameters by bank key: sums (banks, N, C) or (N, F), categorical
+        tables (banks, n, K), indicator tables, and Gaussian (banks, 2, n) as stored."""
+        out: dict[str, torch.Tensor] = {}
+        for key, value in self.params.items():
+            if key.startswith("sparse_"):
+                mask = getattr(self, f"fixed_{key}_mask")
+                out[key] = torch.log_softmax(value.masked_fill(~mask, -torch.inf), dim=-1)
+            elif key.startswith("gauss_"):
+                out[key] = value
+            else:
+                out[key] = torch.log_softmax(value, dim=-1)
+        for name, value in self.named_buffers():
+            if name.startswith("fixed_ind_"):
+                out[name[len("fixed_"):]] = value
+        return out
+
+    def layer_values(self, x: torch.Tensor, missing: torch.Tensor | None, evidence: torch.Tensor | None,
+                     semiring: Semiring = LOG_SUM, tables: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Run every layer on validated inputs; returns each layer's (B, n_layer) log-values."""
+        tables = self.log_tables() if tables is None else tables
+        values = [self.layers[0](tables, x, missing, evidence, semiring)]
+        for layer in self.layers[1:]:
+            if isinstance(layer, SumLayer):
+                values.append(layer(values, tables, semiring))
+            else:
+                values.append(layer(values, semiring))
+        return values
+
+    def root_value(self, values: list[torch.Tensor]) -> torch.Tensor:
+        """(B,) value of the root node."""
+        layer, index = self.root
+        return values[layer][:, index]
+
+    def forward(self, x: torch.Tensor, missing: torch.Tensor | None = None,
+                soft_evidence: torch.Tensor | None = None) -> torch.Tensor:
+        """Same as :meth:`log_prob`."""
+        return self.log_prob(x, missing=missing, soft_evidence=soft_evidence)
+
+    def log_prob(self, x, missing=None, soft_evidence=None):
+        from pclayer.queries import log_prob
+
+        return log_prob(self, x, missing=missing, soft_evidence=soft_evidence)
+
+    def posterior(self, x, missing=None, soft_evidence=None):
+        from pclayer.queries import posterior
+
+        return posterior(self, x, missing=missing, soft_evidence=soft_evidence)
+
+    def sample(self, num_samples=None, *, x=None, missing=None, soft_evidence=None, generator=None, return_nodes=False):
+        from pclayer.queries import sample
+
+        return sample(self, num_samples, x=x, missing=missing, soft_evidence=soft_evidence,
+                      generator=generator, return_nodes=return_nodes)
+
+    def mpe(self, x, missing=None, soft_evidence=None):
+        from pclayer.queries import mpe
+
+        return mpe(self, x, missing=missing, soft_evidence=soft_evidence)
+
+    def extra_repr(self) -> str:
+        kinds = [type(layer).__name__ for layer in self.layers]
+        return f"num_vars={self.num_vars}, num_cats={self.num_cats}, layers={len(kinds)}, parameters={self.num_parameters()}"
+
+
+def compile(root: NodeGroup, dtype: torch.dtype = torch.float32) -> TensorCircuit:  # noqa: A001
+    """Compile the symbolic circuit rooted at ``root`` into a :class:`TensorCircuit`.
+
+    Args:
+        root: a node group with exactly one node covering variables ``0..V-1``.
+        dtype: parameter dtype (``torch.float32`` or ``torch.float64``); ``.double()``
+            converts later too.
+    """
+    return TensorCircuit(build_plan(root), dtype=dtype)

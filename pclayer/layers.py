@@ -1,0 +1,298 @@
+"""Layers of a compiled circuit: each evaluates all of its node groups in a few tensor ops.
+
+Every layer maps the outputs of earlier layers (a list of (B, n_layer) log-value
+tensors) to its own (B, n_layer) output. Non-input layers first gather the nodes they
+read into one vector ``z`` (B, M) from per-layer segments; children are positions in it.
+For the top-down pass (sampling, MPE) each layer turns a boolean mask of active nodes
+into the mask of active positions of ``z`` (see :mod:`pclayer.topdown`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from pclayer.semiring import Semiring
+
+Chooser = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+"""Picks one index per row of log-weights (A, C), given uniforms (A,) or None."""
+
+
+def _register(module: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    module.register_buffer(name, tensor, persistent=False)
+    return getattr(module, name)
+
+
+class _GatherMixin(nn.Module):
+    def _init_sources(self, segments: list) -> None:
+        self.source_layers = [int(layer) for layer, _ in segments]
+        self.source_ranges: list[tuple[int, int] | None] = []
+        self.width = 0
+        for i, (_, index) in enumerate(segments):
+            _register(self, f"source_{i}", index)
+            contiguous = bool(index.numel() and torch.equal(index, torch.arange(int(index[0]), int(index[0]) + index.numel())))
+            self.source_ranges.append((int(index[0]), index.numel()) if contiguous else None)
+            self.width += index.numel()
+
+    def gather(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """(B, M) vector of the nodes this layer reads."""
+        parts = []
+        for i, layer in enumerate(self.source_layers):
+            span = self.source_ranges[i]
+            if span is not None:
+                parts.append(outputs[layer].narrow(1, span[0], span[1]))
+            else:
+                parts.append(outputs[layer].index_select(1, getattr(self, f"source_{i}")))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def scatter_active(self, active_z: torch.Tensor, active: list[torch.Tensor]) -> None:
+        """OR the active positions of ``z`` (B, M) into the source layers' masks."""
+        start = 0
+        for i, layer in enumerate(self.source_layers):
+            index = getattr(self, f"source_{i}")
+            part = active_z[:, start:start + index.numel()]
+            active[layer].index_copy_(1, index, active[layer].index_select(1, index) | part)
+            start += index.numel()
+
+
+def _inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Index drawn from softmax(logits) (A, C) by inverse CDF with uniforms (A,)."""
+    m = logits.amax(-1, keepdim=True)
+    probs = torch.exp(logits - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
+    cdf = probs.cumsum(-1)
+    target = (uniforms.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
+    index = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    last_positive = (probs > 0).cumsum(-1).argmax(-1)
+    return torch.minimum(index, last_positive)
+
+
+def sample_chooser(logits: torch.Tensor, uniforms: torch.Tensor | None) -> torch.Tensor:
+    """Exact categorical draw by inverse CDF (uniforms must be given)."""
+    assert uniforms is not None
+    return _inverse_cdf(logits, uniforms)
+
+
+def argmax_chooser(logits: torch.Tensor, uniforms: torch.Tensor | None) -> torch.Tensor:
+    """Deterministic choice of the largest log-weight (MPE)."""
+    return logits.argmax(-1)
+
+
+class InputLayer(nn.Module):
+    """All input groups: per bucket a gather of log-probabilities, or a soft-evidence product."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        self.buckets = []
+        for i, bucket in enumerate(spec["buckets"]):
+            _register(self, f"bank_{i}", bucket["group_bank"])
+            _register(self, f"var_{i}", bucket["group_var"])
+            shared = int(bucket["group_bank"][0]) if bool((bucket["group_bank"] == bucket["group_bank"][0]).all()) else None
+            self.buckets.append({k: bucket[k] for k in ("kind", "key", "num_nodes", "num_cats")} | {"shared": shared})
+        self.num_nodes = sum(b["num_nodes"] * int(s["group_bank"].numel()) for b, s in zip(self.buckets, spec["buckets"]))
+
+    def _tables(self, i: int, bucket: dict, tables: dict[str, torch.Tensor], broadcast: bool) -> torch.Tensor:
+        table = tables[bucket["key"]]
+        if bucket["shared"] is not None and broadcast:
+            return table[bucket["shared"]].unsqueeze(0)
+        return table.index_select(0, getattr(self, f"bank_{i}"))
+
+    def forward(self, tables: dict[str, torch.Tensor], x: torch.Tensor, missing: torch.Tensor | None,
+                evidence: torch.Tensor | None, semiring: Semiring) -> torch.Tensor:
+        """Input log-values (B, num_input_nodes).
+
+        ``tables`` maps bucket keys to (banks, n, K) log-probabilities (or, for Gaussian
+        buckets, (banks, 2, n) mean and log-std); ``x`` is (B, V) float or long,
+        ``missing`` (B, V) bool, ``evidence`` (B, V, K) log-weights.
+        """
+        outs = []
+        batch = x.shape[0]
+        for i, bucket in enumerate(self.buckets):
+            var = getattr(self, f"var_{i}")
+            n = bucket["num_nodes"]
+            xg = x.index_select(1, var)
+            if bucket["kind"] == "gaussian":
+                params = self._tables(i, bucket, tables, broadcast=False)  # (G, 2, n)
+                mean, log_std = params[:, 0], params[:, 1]
+                z = (xg.unsqueeze(-1).to(mean.dtype) - mean) * torch.exp(-log_std)
+                value = -0.5 * z * z - log_std - 0.5 * math.log(2 * math.pi)
+                marginal = semiring.gaussian_no_evidence(log_std).unsqueeze(0)
+            else:
+                k = bucket["num_cats"]
+                table = tables[bucket["key"]]  # (banks, n, K)
+                idx = xg.long().clamp(0, k - 1)
+                if bucket["shared"] is not None:
+                    value = table[bucket["shared"]].t()[idx]  # (B, G, n)
+                else:
+                    bank = getattr(self, f"bank_{i}")
+                    nodes = torch.arange(n, device=idx.device)
+                    value = table[bank[None, :, None], nodes[None, None, :], idx[:, :, None]]
+                ev = None
+                if evidence is not None:
+                    ev = evidence.index_select(1, var)[:, :, :k]
+                    value = value + torch.gather(ev, 2, idx.unsqueeze(-1))
+                marginal = None
+                if missing is not None:
+                    shared_table = self._tables(i, bucket, tables, broadcast=True)
+                    marginal = semiring.sum_dense(ev, shared_table) if ev is not None else semiring.no_evidence(shared_table).unsqueeze(0)
+            if missing is not None:
+                value = torch.where(missing.index_select(1, var).unsqueeze(-1), marginal, value)
+            outs.append(value.reshape(batch, -1))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def emit(self, active: torch.Tensor, tables: dict[str, torch.Tensor], x: torch.Tensor,
+             missing: torch.Tensor | None, evidence: torch.Tensor | None, chooser: Chooser,
+             uniforms: torch.Tensor | None, normals: Callable[[int], torch.Tensor] | None,
+             num_cats: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Values of the active input nodes (one per sample and variable).
+
+        Returns ``(x_out (B, V), node (B, V) active input node index, node_log_probs (B, V, K))``;
+        observed entries of ``x`` are kept, missing ones drawn by ``chooser``.
+        """
+        batch, num_vars = x.shape
+        x_out = x.clone()
+        node = torch.full((batch, num_vars), -1, dtype=torch.long, device=x.device)
+        dtype = next(iter(tables.values())).dtype
+        node_logp = torch.full((batch, num_vars, max(num_cats, 1)), -torch.inf, dtype=dtype, device=x.device)
+        start = 0
+        for i, bucket in enumerate(self.buckets):
+            var_of_group = getattr(self, f"var_{i}")
+            n = bucket["num_nodes"]
+            size = var_of_group.numel() * n
+            b, flat = active[:, start:start + size].nonzero(as_tuple=True)
+            g, j = flat // n, flat % n
+            var = var_of_group[g]
+            bank = getattr(self, f"bank_{i}")[g]
+            node[b, var] = start + flat
+            draw = missing[b, var] if missing is not None else torch.zeros_like(b, dtype=torch.bool)
+            u = uniforms[b, start + flat] if uniforms is not None else None
+            if bucket["kind"] == "gaussian":
+                params = tables[bucket["key"]][bank]  # (A, 2, n)
+                mean = params[torch.arange(len(j)), 0, j]
+                std = torch.exp(params[torch.arange(len(j)), 1, j])
+                value = mean if normals is None else mean + std * normals(len(j)).to(mean.dtype)
+                x_out[b, var] = torch.where(draw, value.to(x_out.dtype), x_out[b, var])
+            else:
+                k = bucket["num_cats"]
+                logp = tables[bucket["key"]][bank, j]  # (A, K)
+                node_logp[b, var, :k] = logp
+                logits = logp + evidence[b, var, :k] if evidence is not None else logp
+                if bool(draw.any()):
+                    chosen = chooser(logits[draw], None if u is None else u[draw])
+                    x_out[b[draw], var[draw]] = chosen.to(x_out.dtype)
+            start += size
+        return x_out, node, node_logp
+
+
+class ProductLayer(_GatherMixin):
+    """Products as gather-and-add: (B, M) -> (B, P) summing ``F`` gathered children."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        self._init_sources(spec["sources"])
+        _register(self, "child_index", spec["children"])
+        self.padded = bool(spec["padded"])
+        self.num_nodes = spec["children"].shape[0]
+
+    def forward(self, outputs: list[torch.Tensor], semiring: Semiring) -> torch.Tensor:
+        z = self.gather(outputs)
+        if self.padded:
+            z = torch.cat([z, z.new_zeros(z.shape[0], 1)], dim=1)
+        fan_in = self.child_index.shape[1]
+        out = z.index_select(1, self.child_index[:, 0])
+        for f in range(1, fan_in):
+            out = out + z.index_select(1, self.child_index[:, f])
+        return out
+
+    def select(self, active: torch.Tensor, outputs: list[torch.Tensor], params: dict, chooser: Chooser,
+               uniforms: torch.Tensor | None) -> torch.Tensor:
+        """Active positions of ``z`` (B, M): every child of an active product is active."""
+        active_z = active.new_zeros(active.shape[0], self.width + 1)
+        for f in range(self.child_index.shape[1]):
+            cols = self.child_index[:, f]
+            active_z.index_copy_(1, cols, active_z.index_select(1, cols) | active)
+        return active_z[:, : self.width]
+
+
+class SumLayer(_GatherMixin):
+    """Sums: per dense bucket one batched matrix product; per sparse group a padded logsumexp."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        self._init_sources(spec["sources"])
+        self.dense = []
+        for i, bucket in enumerate(spec["dense"]):
+            _register(self, f"dense_children_{i}", bucket["children"])
+            _register(self, f"dense_bank_{i}", bucket["group_bank"])
+            bank = bucket["group_bank"]
+            shared = int(bank[0]) if bool((bank == bank[0]).all()) else None
+            groups, child_count = bucket["children"].shape
+            self.dense.append({"key": bucket["key"], "shared": shared, "groups": groups, "child_count": child_count})
+        self.sparse = []
+        for i, bucket in enumerate(spec["sparse"]):
+            _register(self, f"sparse_children_{i}", bucket["children"])
+            self.sparse.append({"key": bucket["key"]})
+
+    def _dense_logw(self, i: int, logweights: dict[str, torch.Tensor], broadcast: bool) -> torch.Tensor:
+        spec = self.dense[i]
+        table = logweights[spec["key"]]
+        if spec["shared"] is not None and broadcast:
+            return table[spec["shared"]].unsqueeze(0)
+        return table.index_select(0, getattr(self, f"dense_bank_{i}"))
+
+    def _dense_inputs(self, i: int, z: torch.Tensor) -> torch.Tensor:
+        spec = self.dense[i]
+        return z.index_select(1, getattr(self, f"dense_children_{i}").reshape(-1)).view(z.shape[0], spec["groups"], spec["child_count"])
+
+    def _padded_z(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.cat([z, z.new_full((z.shape[0], 1), -torch.inf)], dim=1)
+
+    def forward(self, outputs: list[torch.Tensor], logweights: dict[str, torch.Tensor], semiring: Semiring) -> torch.Tensor:
+        """``logweights`` maps bank keys to normalised log-weights (banks, N, C) or (N, F)."""
+        z = self.gather(outputs)
+        outs = []
+        for i in range(len(self.dense)):
+            x = self._dense_inputs(i, z)
+            outs.append(semiring.sum_dense(x, self._dense_logw(i, logweights, True)).reshape(z.shape[0], -1))
+        if self.sparse:
+            zp = self._padded_z(z)
+            for i, spec in enumerate(self.sparse):
+                children = getattr(self, f"sparse_children_{i}")
+                a = zp.index_select(1, children.reshape(-1)).view(z.shape[0], *children.shape) + logweights[spec["key"]]
+                outs.append(semiring.sum_padded(a))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def select(self, active: torch.Tensor, outputs: list[torch.Tensor], logweights: dict[str, torch.Tensor],
+               chooser: Chooser, uniforms: torch.Tensor | None) -> torch.Tensor:
+        """Active positions of ``z`` (B, M): each active sum node picks one child with
+        probability proportional to weight times child value (or the best one for MPE)."""
+        z = self.gather(outputs)
+        batch = z.shape[0]
+        active_z = active.new_zeros(batch, self.width + 1)
+        start = 0
+        for i, spec in enumerate(self.dense):
+            x = self._dense_inputs(i, z)
+            logw = self._dense_logw(i, logweights, False)
+            n = logw.shape[1]
+            size = spec["groups"] * n
+            b, flat = active[:, start:start + size].nonzero(as_tuple=True)
+            g, j = flat // n, flat % n
+            logits = logw[g, j] + x[b, g]
+            u = uniforms[b, start + flat] if uniforms is not None else None
+            chosen = chooser(logits, u)
+            active_z[b, getattr(self, f"dense_children_{i}")[g, chosen]] = True
+            start += size
+        if self.sparse:
+            zp = self._padded_z(z)
+            for i, spec in enumerate(self.sparse):
+                children = getattr(self, f"sparse_children_{i}")
+                size = children.shape[0]
+                b, j = active[:, start:start + size].nonzero(as_tuple=True)
+                logits = logweights[spec["key"]][j] + zp[b[:, None], children[j]]
+                u = uniforms[b, start + j] if uniforms is not None else None
+                chosen = chooser(logits, u)
+                active_z[b, children[j, chosen]] = True
+                start += size
+        return active_z[:, : self.width]

@@ -1,0 +1,33 @@
+"""Most probable explanation by max-product decoding."""
+
+from __future__ import annotations
+
+import torch
+
+from pclayer.layers import argmax_chooser
+from pclayer.queries.evidence import prepare, require_positive
+from pclayer.semiring import MAX_PRODUCT
+from pclayer.topdown import top_down
+
+
+@torch.no_grad()
+def mpe(circuit, x: torch.Tensor, missing: torch.Tensor | None = None,
+        soft_evidence: torch.Tensor | None = None) -> torch.Tensor:
+    """Max-product decoding: the missing values of the best joint assignment of
+    (missing variables, latent choices of the sum nodes) under the weighted distribution.
+
+    On an HMM this is the Viterbi decoding; on deterministic circuits it is the exact
+    ``argmax_x`` of :func:`log_prob`.
+
+    Returns:
+        (B, num_vars): observed entries unchanged, missing ones decoded.
+
+    Raises:
+        ZeroProbabilityError: for rows whose evidence has probability zero.
+    """
+    ev = prepare(circuit, x, missing, soft_evidence)
+    tables = circuit.log_tables()
+    values = circuit.layer_values(ev.x, ev.missing, ev.soft_evidence, MAX_PRODUCT, tables=tables)
+    require_positive(circuit.root_value(values), "mpe")
+    x_out, _, _ = top_down(circuit, values, tables, ev.x, ev.missing, ev.soft_evidence, argmax_chooser, None, None)
+    return torch.where(missing, x_out.to(x.dtype), x) if missing is not None else x.clone()

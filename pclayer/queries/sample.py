@@ -1,0 +1,94 @@
+"""Exact unconditional, conditional and soft-evidence sampling."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from pclayer.layers import sample_chooser
+from pclayer.queries.evidence import prepare, require_positive
+from pclayer.topdown import top_down
+
+
+class SampleResult(NamedTuple):
+    """Samples with the latent choice behind each variable.
+
+    Attributes:
+        x: (B, num_vars) samples.
+        node: (B, num_vars) index (within the input layer) of the input node that produced
+            each variable.
+        node_log_probs: (B, num_vars, num_cats) log-probabilities of that input node's
+            distribution (``-inf`` beyond the variable's categories; unused for Gaussians).
+    """
+
+    x: torch.Tensor
+    node: torch.Tensor
+    node_log_probs: torch.Tensor
+
+
+def _batch(circuit, num_samples: int | None, x: torch.Tensor | None, missing: torch.Tensor | None,
+           soft_evidence: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
+        raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
+    if x is None:
+        if missing is not None:
+            raise ValueError("missing: only meaningful together with x")
+        batch = num_samples if num_samples is not None else (soft_evidence.shape[0] if isinstance(soft_evidence, torch.Tensor) else None)
+        if batch is None:
+            raise ValueError("num_samples: expected a positive int when x and soft_evidence are not given")
+        dtype = circuit.dtype if circuit.has_gaussian else torch.long
+        x = torch.zeros(batch, circuit.num_vars, dtype=dtype, device=circuit.device)
+        missing = torch.ones_like(x, dtype=torch.bool)
+        return x, missing, soft_evidence
+    if num_samples is not None and isinstance(x, torch.Tensor) and x.shape[0] != num_samples:
+        if x.shape[0] != 1:
+            raise ValueError(f"num_samples: x has {x.shape[0]} rows; expected num_samples equal to that or x with one row")
+        x = x.expand(num_samples, -1)
+        missing = missing.expand(num_samples, -1) if isinstance(missing, torch.Tensor) else missing
+        soft_evidence = soft_evidence.expand(num_samples, -1, -1) if isinstance(soft_evidence, torch.Tensor) else soft_evidence
+    return x, missing, soft_evidence
+
+
+@torch.no_grad()
+def sample(circuit, num_samples: int | None = None, *, x: torch.Tensor | None = None,
+           missing: torch.Tensor | None = None, soft_evidence: torch.Tensor | None = None,
+           generator: torch.Generator | None = None, return_nodes: bool = False):
+    """Exact samples of the weighted distribution of :func:`log_prob`, conditioned on the
+    observed entries of ``x``.
+
+    Args:
+        num_samples: number of samples when ``x`` is omitted (all variables drawn), or to
+            repeat a single-row ``x``.
+        x: (B, num_vars) values; entries with ``missing`` True are drawn, others kept.
+        missing: (B, num_vars) bool; default nothing missing (then ``x`` comes back as is).
+        soft_evidence: (B, num_vars, num_cats) log-weights multiplied into the distribution.
+        generator: torch generator for reproducible draws.
+        return_nodes: also return the chosen input node per variable and its
+            log-probability vector (a :class:`SampleResult`).
+
+    Returns:
+        (B, num_vars) samples, or a :class:`SampleResult` if ``return_nodes``.
+
+    Raises:
+        ZeroProbabilityError: for rows whose evidence has probability zero.
+    """
+    x, missing, soft_evidence = _batch(circuit, num_samples, x, missing, soft_evidence)
+    ev = prepare(circuit, x, missing, soft_evidence)
+    tables = circuit.log_tables()
+    values = circuit.layer_values(ev.x, ev.missing, ev.soft_evidence, tables=tables)
+    require_positive(circuit.root_value(values), "sample")
+    device, dtype = circuit.device, circuit.dtype
+
+    def uniforms(rows: int, cols: int) -> torch.Tensor:
+        return torch.rand(rows, cols, generator=generator, dtype=dtype, device=device)
+
+    def normals(count: int) -> torch.Tensor:
+        return torch.randn(count, generator=generator, dtype=dtype, device=device)
+
+    x_out, node, node_logp = top_down(circuit, values, tables, ev.x, ev.missing, ev.soft_evidence,
+                                      sample_chooser, uniforms, normals)
+    x_out = torch.where(missing, x_out.to(x.dtype), x) if missing is not None else x.clone()
+    if return_nodes:
+        return SampleResult(x_out, node, node_logp)
+    return x_out
