@@ -1,1 +1,17 @@
-"""diffusion: the Coupled Discrete Diffusion (CoDD) output layer for masked diffusion LMs."""
+"""diffusion: the Coupled Discrete Diffusion (CoDD) output layer for masked diffusion LMs.
+
+:class:`CoDDLayer` puts a probabilistic circuit (from :mod:`pclayer`) over a window of
+positions in product with a masked diffusion LM's per-position distributions;
+:func:`codd_loss` is its exact training loss (paper Eq. 7).
+"""
+
+from diffusion import adapters
+from diffusion.generate import generate
+from diffusion.layer import MODES, CoDDLayer
+from diffusion.loss import codd_loss, mask_ratio
+from diffusion.pretrained import from_pretrained, save_pretrained
+from diffusion.sampling import REMASKING
+from diffusion.train import train_codd
+
+__all__ = ["MODES", "REMASKING", "CoDDLayer", "adapters", "codd_loss", "from_pretrained", "generate", "mask_ratio",
+           "save_pretrained", "train_codd"]

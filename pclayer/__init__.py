@@ -20,3 +20,8 @@ __all__ = [
     "SampleResult", "StructureError", "TensorCircuit", "ZeroProbabilityError",
     "compile", "inputs", "structures", "log_prob", "mpe", "multiply", "posterior", "sample", "summate",
 ]
+
+from pclayer import io, learn  # noqa: E402  (both build on the core imported above)
+from pclayer.io import load, save  # noqa: E402
+
+__all__ += ["io", "learn", "load", "save"]

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from pclayer.compiler import Plan, build_plan
-from pclayer.layers import InputLayer, ProductLayer, SumLayer
+from pclayer.layers import InputLayer, LayerOutputs, ProductLayer, SumLayer
 from pclayer.nodes import NodeGroup
 from pclayer.semiring import LOG_SUM, Semiring
 
@@ -39,6 +39,9 @@ class TensorCircuit(nn.Module):
             self.register_buffer(f"fixed_{key}", value.to(dtype) if value.is_floating_point() else value)
         self.layers = nn.ModuleList([_LAYER_TYPES[spec["type"]](spec) for spec in plan.layers])
         self.root = plan.root
+        self.output_cuts = _output_cuts(self.layers, _layer_widths(plan))
+        self.split_tables = sorted({key for layer in self.layers if isinstance(layer, SumLayer)
+                                    for key, _ in layer.single_banks() if plan.params[key].shape[0] > 1})
 
     @property
     def dtype(self) -> torch.dtype:
@@ -86,12 +89,19 @@ class TensorCircuit(nn.Module):
                      semiring: Semiring = LOG_SUM, tables: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Run every layer on validated inputs; returns each layer's (B, n_layer) log-values."""
         tables = self.log_tables() if tables is None else tables
-        values = [self.layers[0](tables, x, missing, evidence, semiring)]
+        if torch.is_grad_enabled() and any(tables[key].requires_grad for key in self.split_tables):
+            # Layers reading one bank of a stacked table get an unbound view (key, bank): autograd
+            # then stacks their gradients once instead of one full-size zero tensor per layer.
+            tables = dict(tables)
+            for key in self.split_tables:
+                tables.update({(key, bank): view for bank, view in enumerate(tables[key].unbind(0))})
+        values = LayerOutputs(self.output_cuts)
+        values.add(self.layers[0](tables, x, missing, evidence, semiring))
         for layer in self.layers[1:]:
             if isinstance(layer, SumLayer):
-                values.append(layer(values, tables, semiring))
+                values.add(layer(values, tables, semiring))
             else:
-                values.append(layer(values, semiring))
+                values.add(layer(values, semiring))
         return values
 
     def root_value(self, values: list[torch.Tensor]) -> torch.Tensor:
@@ -128,6 +138,38 @@ class TensorCircuit(nn.Module):
     def extra_repr(self) -> str:
         kinds = [type(layer).__name__ for layer in self.layers]
         return f"num_vars={self.num_vars}, num_cats={self.num_cats}, layers={len(kinds)}, parameters={self.num_parameters()}"
+
+
+def _layer_widths(plan: Plan) -> list[int]:
+    """Number of nodes (output columns) of every layer of ``plan``."""
+    widths = []
+    for spec in plan.layers:
+        if spec["type"] == "input":
+            widths.append(sum(b["num_nodes"] * b["group_bank"].numel() for b in spec["buckets"]))
+        elif spec["type"] == "product":
+            widths.append(spec["children"].shape[0])
+        else:
+            dense = sum(b["children"].shape[0] * plan.params[b["key"]].shape[1] for b in spec["dense"])
+            widths.append(dense + sum(b["children"].shape[0] for b in spec["sparse"]))
+    return widths
+
+
+def _output_cuts(layers: nn.ModuleList, widths: list[int]) -> dict[int, list[int]]:
+    """Piece widths per layer output that later layers read in two or more partial column
+    ranges: the ranges' ends cut the output into pieces (see :class:`LayerOutputs`)."""
+    ranges: dict[int, set[tuple[int, int]]] = {}
+    for layer in layers[1:]:
+        for source, start, length in layer.reads():
+            ranges.setdefault(source, set()).add((start, length))
+    cuts = {}
+    for source, spans in ranges.items():
+        width = widths[source]
+        partial = {(s, n) for s, n in spans if (s, n) != (0, width)}
+        if len(partial) < 2:
+            continue
+        ends = sorted({0, width} | {s for s, _ in partial} | {s + n for s, n in partial})
+        cuts[source] = [b - a for a, b in zip(ends, ends[1:])]
+    return cuts
 
 
 def compile(root: NodeGroup, dtype: torch.dtype = torch.float32) -> TensorCircuit:  # noqa: A001

@@ -12,6 +12,7 @@ serialises as is.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -56,10 +57,12 @@ class _Banks:
         self.slot: dict[int, tuple[str, int]] = {}
         self.rows: dict[str, list[torch.Tensor]] = defaultdict(list)
 
-    def add(self, owner_uid: int, key: str, value: torch.Tensor) -> tuple[str, int]:
+    def add(self, owner_uid: int, key: str, make_value: Callable[[], torch.Tensor]) -> tuple[str, int]:
+        """The owner's slot; ``make_value`` runs only the first time the owner is seen (tied
+        groups share one tensor and must not recompute it)."""
         if owner_uid not in self.slot:
             self.slot[owner_uid] = (key, len(self.rows[key]))
-            self.rows[key].append(value)
+            self.rows[key].append(make_value())
         return self.slot[owner_uid]
 
     def stacked(self) -> dict[str, torch.Tensor]:
@@ -130,12 +133,12 @@ def _input_layer(groups: list[InputGroup], layout: _Layout, params: _Banks, fixe
         for group in members:
             owner = group.param_owner
             if kind == "gaussian":
-                value = torch.stack([owner.params["mean"], torch.log(owner.params["std"])])
-                slot = params.add(owner.uid, f"gauss_{n}", value)
+                slot = params.add(owner.uid, f"gauss_{n}",
+                                  lambda: torch.stack([owner.params["mean"], torch.log(owner.params["std"])]))
             elif kind == "indicator":
-                slot = fixed.add(owner.uid, f"ind_{n}x{k}", owner.dist.log_table(owner.params))
+                slot = fixed.add(owner.uid, f"ind_{n}x{k}", lambda: owner.dist.log_table(owner.params))
             else:
-                slot = params.add(owner.uid, f"cat_{n}x{k}", owner.dist.log_table(owner.params))
+                slot = params.add(owner.uid, f"cat_{n}x{k}", lambda: owner.dist.log_table(owner.params))
             bank.append(slot[1])
             layout.where[group.uid] = (0, offset)
             offset += n
@@ -183,7 +186,7 @@ def _sum_layer(groups: list[SumGroup], layout: _Layout, index: int, params: _Ban
     layer: dict = {"type": "sum", "sources": segments, "dense": [], "sparse": []}
     offset = 0
     for (n, c), members in dense.items():
-        slots = [params.add(g.param_owner.uid, f"sum_{n}x{c}", torch.log(g.param_owner.params)) for g in members]
+        slots = [params.add(g.param_owner.uid, f"sum_{n}x{c}", lambda g=g: torch.log(g.param_owner.params)) for g in members]
         layer["dense"].append({
             "key": slots[0][0],
             "children": torch.stack([child_positions(g) for g in members]),
@@ -206,8 +209,8 @@ def _sum_layer(groups: list[SumGroup], layout: _Layout, index: int, params: _Ban
         logits[parents, rank] = torch.log(owner.params[order])
         mask = torch.zeros(group.num_nodes, width, dtype=torch.bool)
         mask[parents, rank] = True
-        key, _ = params.add(owner.uid, f"sparse_{owner.uid}", logits)
-        fixed.add(owner.uid, f"{key}_mask", mask)
+        key, _ = params.add(owner.uid, f"sparse_{owner.uid}", lambda: logits)
+        fixed.add(owner.uid, f"{key}_mask", lambda: mask)
         layer["sparse"].append({"key": key, "children": children})
         layout.where[group.uid] = (index, offset)
         offset += group.num_nodes

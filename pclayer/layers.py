@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from pclayer.ops import dispatch
 from pclayer.semiring import Semiring
 
 Chooser = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -26,7 +27,59 @@ def _register(module: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tenso
     return getattr(module, name)
 
 
+class LayerOutputs(list):
+    """The (B, n_layer) outputs of the layers run so far, with cached column pieces.
+
+    A layer output that later layers read in several contiguous column ranges is split
+    once with ``torch.split`` (see :meth:`add`): reading a piece then costs nothing in the
+    backward pass, whereas each ``narrow`` of a big output would make autograd build a
+    full-size zero gradient (SliceBackward) per reader.
+    """
+
+    def __init__(self, cuts: dict[int, list[int]] | None = None):
+        super().__init__()
+        self.cuts = cuts or {}
+        self.pieces: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def add(self, value: torch.Tensor) -> None:
+        """Append the next layer's output; split it at ``cuts[layer]`` (piece widths) when
+        it takes part in autograd."""
+        layer = len(self)
+        self.append(value)
+        widths = self.cuts.get(layer)
+        if widths and value.requires_grad:
+            start = 0
+            for piece in value.split(widths, dim=1):
+                self.pieces[(layer, start, piece.shape[1])] = piece
+                start += piece.shape[1]
+
+
+def read_columns(outputs: list[torch.Tensor], layer: int, start: int, length: int) -> torch.Tensor:
+    """Columns ``start:start+length`` of layer ``layer``'s output, without copying: the whole
+    tensor, a cached piece of a :class:`LayerOutputs`, or a narrow view."""
+    value = outputs[layer]
+    if start == 0 and length == value.shape[1]:
+        return value
+    if isinstance(outputs, LayerOutputs):
+        piece = outputs.pieces.get((layer, start, length))
+        if piece is not None:
+            return piece
+    return value.narrow(1, start, length)
+
+
+def _contiguous_start(index: torch.Tensor) -> int | None:
+    """``a`` if ``index`` is ``a, a+1, ..., a+len-1`` (non-empty), else None."""
+    if index.numel() == 0:
+        return None
+    start = int(index[0])
+    return start if torch.equal(index, torch.arange(start, start + index.numel(), device=index.device)) else None
+
+
 class _GatherMixin(nn.Module):
+    def reads(self) -> list[tuple[int, int, int]]:
+        """Contiguous (layer, start, length) column ranges this layer reads without a copy."""
+        return [(layer, span[0], span[1]) for layer, span in zip(self.source_layers, self.source_ranges) if span is not None]
+
     def _init_sources(self, segments: list) -> None:
         self.source_layers = [int(layer) for layer, _ in segments]
         self.source_ranges: list[tuple[int, int] | None] = []
@@ -43,7 +96,7 @@ class _GatherMixin(nn.Module):
         for i, layer in enumerate(self.source_layers):
             span = self.source_ranges[i]
             if span is not None:
-                parts.append(outputs[layer].narrow(1, span[0], span[1]))
+                parts.append(read_columns(outputs, layer, span[0], span[1]))
             else:
                 parts.append(outputs[layer].index_select(1, getattr(self, f"source_{i}")))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -58,26 +111,30 @@ class _GatherMixin(nn.Module):
             start += index.numel()
 
 
-def _inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Index drawn from softmax(logits) (A, C) by inverse CDF with uniforms (A,)."""
-    m = logits.amax(-1, keepdim=True)
-    probs = torch.exp(logits - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
-    cdf = probs.cumsum(-1)
-    target = (uniforms.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
-    index = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    last_positive = (probs > 0).cumsum(-1).argmax(-1)
-    return torch.minimum(index, last_positive)
-
-
 def sample_chooser(logits: torch.Tensor, uniforms: torch.Tensor | None) -> torch.Tensor:
     """Exact categorical draw by inverse CDF (uniforms must be given)."""
     assert uniforms is not None
-    return _inverse_cdf(logits, uniforms)
+    return dispatch.inverse_cdf(logits, uniforms)
 
 
 def argmax_chooser(logits: torch.Tensor, uniforms: torch.Tensor | None) -> torch.Tensor:
     """Deterministic choice of the largest log-weight (MPE)."""
     return logits.argmax(-1)
+
+
+def _categorical_rows(table: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``out[b, g, j] = table[bank[g], j, idx[b, g]]``: table (banks, n, K), bank (G,), idx (B, G) -> (B, G, n).
+
+    When the table is not much bigger than the output, it is transposed once to (banks*K, n)
+    so that every (b, g) reads one contiguous row (an ``index_select``, whose backward is a
+    fast ``index_add_``); otherwise (huge K) the entries are gathered one by one."""
+    banks, n, k = table.shape
+    batch, groups = idx.shape
+    if table.numel() <= 2 * batch * groups * n:
+        rows = (bank * k)[None, :] + idx
+        return table.transpose(1, 2).reshape(banks * k, n).index_select(0, rows.reshape(-1)).view(batch, groups, n)
+    nodes = torch.arange(n, device=idx.device)
+    return table[bank[None, :, None], nodes[None, None, :], idx[:, :, None]]
 
 
 class InputLayer(nn.Module):
@@ -126,9 +183,7 @@ class InputLayer(nn.Module):
                 if bucket["shared"] is not None:
                     value = table[bucket["shared"]].t()[idx]  # (B, G, n)
                 else:
-                    bank = getattr(self, f"bank_{i}")
-                    nodes = torch.arange(n, device=idx.device)
-                    value = table[bank[None, :, None], nodes[None, None, :], idx[:, :, None]]
+                    value = _categorical_rows(table, getattr(self, f"bank_{i}"), idx)
                 ev = None
                 if evidence is not None:
                     ev = evidence.index_select(1, var)[:, :, :k]
@@ -139,7 +194,7 @@ class InputLayer(nn.Module):
                     marginal = semiring.sum_dense(ev, shared_table) if ev is not None else semiring.no_evidence(shared_table).unsqueeze(0)
             if missing is not None:
                 value = torch.where(missing.index_select(1, var).unsqueeze(-1), marginal, value)
-            outs.append(value.reshape(batch, -1))
+            outs.append(value.flatten(1))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def emit(self, active: torch.Tensor, tables: dict[str, torch.Tensor], x: torch.Tensor,
@@ -195,8 +250,38 @@ class ProductLayer(_GatherMixin):
         _register(self, "child_index", spec["children"])
         self.padded = bool(spec["padded"])
         self.num_nodes = spec["children"].shape[0]
+        self.column_reads = None if self.padded else self._column_reads()
+
+    def _column_reads(self) -> list[tuple[int, int, int]] | None:
+        """(layer, start, length) per child column when every column of ``child_index`` is a
+        contiguous run inside one contiguous source segment: the product is then a plain
+        sum of column ranges of earlier outputs, with no gather and no index_select."""
+        reads = []
+        for f in range(self.child_index.shape[1]):
+            first = _contiguous_start(self.child_index[:, f])
+            if first is None:
+                return None
+            offset = 0
+            for i, (layer, span) in enumerate(zip(self.source_layers, self.source_ranges)):
+                length = getattr(self, f"source_{i}").numel()
+                if span is not None and offset <= first and first + self.num_nodes <= offset + length:
+                    reads.append((layer, span[0] + first - offset, self.num_nodes))
+                    break
+                offset += length
+            else:
+                return None
+        return reads
+
+    def reads(self) -> list[tuple[int, int, int]]:
+        return self.column_reads if self.column_reads is not None else super().reads()
 
     def forward(self, outputs: list[torch.Tensor], semiring: Semiring) -> torch.Tensor:
+        if self.column_reads is not None:
+            parts = [read_columns(outputs, *read) for read in self.column_reads]
+            out = parts[0] + parts[1] if len(parts) > 1 else parts[0].clone()
+            for part in parts[2:]:
+                out += part
+            return out
         z = self.gather(outputs)
         if self.padded:
             z = torch.cat([z, z.new_zeros(z.shape[0], 1)], dim=1)
@@ -210,9 +295,9 @@ class ProductLayer(_GatherMixin):
                uniforms: torch.Tensor | None) -> torch.Tensor:
         """Active positions of ``z`` (B, M): every child of an active product is active."""
         active_z = active.new_zeros(active.shape[0], self.width + 1)
-        for f in range(self.child_index.shape[1]):
-            cols = self.child_index[:, f]
-            active_z.index_copy_(1, cols, active_z.index_select(1, cols) | active)
+        # Several products may share a child: assign True (never copy masks) so no write is lost.
+        b, j = active.nonzero(as_tuple=True)
+        active_z[b[:, None], self.child_index[j]] = True
         return active_z[:, : self.width]
 
 
@@ -229,21 +314,30 @@ class SumLayer(_GatherMixin):
             bank = bucket["group_bank"]
             shared = int(bank[0]) if bool((bank == bank[0]).all()) else None
             groups, child_count = bucket["children"].shape
-            self.dense.append({"key": bucket["key"], "shared": shared, "groups": groups, "child_count": child_count})
+            self.dense.append({"key": bucket["key"], "shared": shared, "groups": groups, "child_count": child_count,
+                               "start": _contiguous_start(bucket["children"].reshape(-1))})
         self.sparse = []
         for i, bucket in enumerate(spec["sparse"]):
             _register(self, f"sparse_children_{i}", bucket["children"])
             self.sparse.append({"key": bucket["key"]})
 
+    def single_banks(self) -> set[tuple[str, int]]:
+        """(key, bank) of the dense buckets whose groups all use one weight bank."""
+        return {(spec["key"], spec["shared"]) for spec in self.dense if spec["shared"] is not None}
+
     def _dense_logw(self, i: int, logweights: dict[str, torch.Tensor], broadcast: bool) -> torch.Tensor:
         spec = self.dense[i]
         table = logweights[spec["key"]]
         if spec["shared"] is not None and broadcast:
-            return table[spec["shared"]].unsqueeze(0)
+            view = logweights.get((spec["key"], spec["shared"]))  # type: ignore[call-overload]
+            return (table[spec["shared"]] if view is None else view).unsqueeze(0)
         return table.index_select(0, getattr(self, f"dense_bank_{i}"))
 
     def _dense_inputs(self, i: int, z: torch.Tensor) -> torch.Tensor:
         spec = self.dense[i]
+        if spec["start"] is not None:  # children are a contiguous run of z: a view, no copy
+            return z.narrow(1, spec["start"], spec["groups"] * spec["child_count"]).view(
+                z.shape[0], spec["groups"], spec["child_count"])
         return z.index_select(1, getattr(self, f"dense_children_{i}").reshape(-1)).view(z.shape[0], spec["groups"], spec["child_count"])
 
     def _padded_z(self, z: torch.Tensor) -> torch.Tensor:
@@ -255,7 +349,7 @@ class SumLayer(_GatherMixin):
         outs = []
         for i in range(len(self.dense)):
             x = self._dense_inputs(i, z)
-            outs.append(semiring.sum_dense(x, self._dense_logw(i, logweights, True)).reshape(z.shape[0], -1))
+            outs.append(semiring.sum_dense(x, self._dense_logw(i, logweights, True)).flatten(1))
         if self.sparse:
             zp = self._padded_z(z)
             for i, spec in enumerate(self.sparse):

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from pclayer.ops import log_matmul_exp, masked_logsumexp
+from pclayer.ops import dispatch
 
 
 class Semiring:
@@ -40,13 +40,13 @@ class LogSumSemiring(Semiring):
     name = "log-sum"
 
     def sum_dense(self, x, logw):
-        return log_matmul_exp(x, logw)
+        return dispatch.sum_dense(x, logw)
 
     def sum_padded(self, a):
-        return masked_logsumexp(a)
+        return dispatch.logsumexp(a)
 
     def no_evidence(self, logp):
-        return masked_logsumexp(logp)
+        return dispatch.logsumexp(logp)
 
     def gaussian_no_evidence(self, log_std):
         return torch.zeros_like(log_std)

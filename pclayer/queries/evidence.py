@@ -29,6 +29,11 @@ def _first_index(mask: torch.Tensor) -> tuple[int, ...]:
     return tuple(int(i) for i in mask.nonzero()[0])
 
 
+def _describe(value: object) -> str:
+    """A tensor's dtype, or the type name of anything else (a numpy array is not a tensor)."""
+    return str(value.dtype) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
 def _check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
     if tensor.device != device:
         raise ValueError(f"{name}: expected a tensor on the circuit's device {device}, got {tensor.device}")
@@ -49,7 +54,7 @@ def prepare(circuit, x: torch.Tensor, missing: torch.Tensor | None, soft_evidenc
     _check_device("x", x, device)
     if missing is not None:
         if not isinstance(missing, torch.Tensor) or missing.dtype != torch.bool:
-            raise TypeError(f"missing: expected a bool tensor of shape {tuple(x.shape)}, got {getattr(missing, 'dtype', type(missing).__name__)}")
+            raise TypeError(f"missing: expected a bool tensor of shape {tuple(x.shape)}, got {_describe(missing)}")
         if missing.shape != x.shape:
             raise ValueError(f"missing: expected shape {tuple(x.shape)} (same as x), got {tuple(missing.shape)}")
         _check_device("missing", missing, device)
@@ -60,6 +65,9 @@ def prepare(circuit, x: torch.Tensor, missing: torch.Tensor | None, soft_evidenc
         nan = torch.isnan(x) & observed
         if nan.any():
             raise ValueError(f"x: NaN at observed entry {_first_index(nan)}; mark missing entries with missing=True")
+        infinite = torch.isinf(x) & observed
+        if infinite.any():
+            raise ValueError(f"x: infinite value at observed entry {_first_index(infinite)}; expected finite values")
         bad = observed & discrete & (x != torch.round(x))
         if bad.any():
             raise ValueError(f"x: expected integer category values for discrete variables, got {x[_first_index(bad)].item()} at {_first_index(bad)}")
@@ -77,7 +85,7 @@ def prepare(circuit, x: torch.Tensor, missing: torch.Tensor | None, soft_evidenc
     if soft_evidence is not None:
         expected = (x.shape[0], num_vars, circuit.num_cats)
         if not isinstance(soft_evidence, torch.Tensor) or not soft_evidence.is_floating_point():
-            raise TypeError(f"soft_evidence: expected a float tensor of shape {expected}, got {getattr(soft_evidence, 'dtype', type(soft_evidence).__name__)}")
+            raise TypeError(f"soft_evidence: expected a float tensor of shape {expected}, got {_describe(soft_evidence)}")
         if tuple(soft_evidence.shape) != expected:
             raise ValueError(f"soft_evidence: expected shape (B, num_vars, num_cats) = {expected}, got {tuple(soft_evidence.shape)}")
         _check_device("soft_evidence", soft_evidence, device)

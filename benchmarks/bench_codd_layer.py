@@ -1,0 +1,85 @@
+"""Time one CoDD layer call on CPU at the paper's size, next to the dense products it needs.
+
+V = 126,464 (LLaDA vocabulary), W = 32, H = 1024 hidden states (homogeneous HMM), B = 1,
+half of the window masked. Reports the median of ``--repeats`` calls for the full
+vocabulary and for ``--top-k`` evidence, the time of the dense matrix products one pass
+needs ((W x V) @ (V x H) for the soft evidence and W (1 x H) @ (H x H) for the chain), the
+process's peak resident memory, and the top-k error of the latent logits' normaliser.
+
+Run: ``OMP_NUM_THREADS=2 python benchmarks/bench_codd_layer.py`` (needs ~4 GB RAM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+
+import torch
+
+import pclayer as pc
+from diffusion import CoDDLayer
+
+
+def median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", type=int, default=126_464)
+    parser.add_argument("--window", type=int, default=32)
+    parser.add_argument("--states", type=int, default=1024)
+    parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    v, w, h = args.vocab, args.window, args.states
+    began = time.perf_counter()
+    circuit = pc.compile(pc.structures.hmm(w, h, v, seed=0), dtype=torch.float32)
+    print(f"build + compile: {time.perf_counter() - began:.1f}s, peak RSS {peak_rss_gb():.2f} GB")
+    logits = torch.randn(1, w, v) * 4
+    x_t = torch.randint(0, v, (1, w))
+    x_t[:, ::2] = v  # mask id outside the vocabulary (MDLM style); half the window masked
+    rows = {}
+    for name, top_k in (("full vocabulary", None), (f"top-{args.top_k}", args.top_k)):
+        for mode in ("latent", "marginal"):
+            layer = CoDDLayer(circuit, mask_id=v, temperature=0.5, gate=1.0, mode=mode, top_k=top_k)
+            generator = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                seconds = median_seconds(lambda: layer(logits, x_t, generator), args.repeats)
+            rows[(name, mode)] = seconds
+            print(f"layer call, {mode:8s} {name:16s}: {seconds * 1e3:8.1f} ms   (peak RSS so far {peak_rss_gb():.2f} GB)")
+    with torch.no_grad():
+        full = CoDDLayer(circuit, mask_id=v, temperature=0.5, top_k=None)
+        truncated = CoDDLayer(circuit, mask_id=v, temperature=0.5, top_k=args.top_k)
+        exact = full.evidence(logits, x_t)
+        approx = truncated.evidence(logits, x_t)
+        log_z = circuit.log_prob(exact.x, missing=exact.missing, soft_evidence=exact.soft)
+        log_z_k = circuit.log_prob(approx.x, missing=approx.missing, soft_evidence=approx.soft)
+        print(f"top-{args.top_k} error of log Z (evidence mass kept): {float(log_z - log_z_k):.3e} nats")
+        emission = torch.rand(h, v)
+        evidence = torch.rand(w, v)
+        transition = torch.rand(h, h)
+        chain = torch.rand(1, h)
+        matmul = median_seconds(lambda: evidence @ emission.t(), args.repeats)
+        exp_table = median_seconds(lambda: torch.exp(emission), args.repeats)
+        chain_s = median_seconds(lambda: [chain @ transition for _ in range(w)], args.repeats)
+        flops = 2 * w * v * h
+        print(f"dense (W x V) @ (V x H): {matmul * 1e3:.1f} ms ({flops / matmul / 1e9:.0f} GFLOP/s); "
+              f"exp of the (H x V) table: {exp_table * 1e3:.1f} ms; W chain products (1 x H) @ (H x H): {chain_s * 1e3:.2f} ms")
+    print(f"threads {torch.get_num_threads()}, peak RSS {peak_rss_gb():.2f} GB")
+
+
+if __name__ == "__main__":
+    main()

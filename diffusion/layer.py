@@ -1,0 +1,187 @@
+"""The CoDD output layer: a circuit over a window of positions times the backbone's
+per-position distributions (a product of experts), as a drop-in logits transform.
+
+For one window of ``W`` positions with masked set ``M`` and unmasked tokens ``x^U``,
+
+    p_hat(x^M | x_t) = p_pc(x^M, x^U) * prod_{i in M} p_theta(x^i | x_t)^(1/tau) / Z,
+
+where ``Z`` is one circuit pass with the tempered backbone log-probabilities as soft
+evidence on the masked positions and the unmasked tokens as hard evidence.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import pclayer
+from diffusion.evidence import (
+    WindowEvidence, check_circuit, check_mask_id, check_temperature, check_tokens, check_top_k, window_evidence,
+)
+
+MODES = ("latent", "marginal", "sample", "any_order")
+
+
+class CoDDLayer(nn.Module):
+    """Coupled Discrete Diffusion output layer over a window of ``W = circuit.num_vars`` positions.
+
+    Args:
+        circuit: a :class:`pclayer.TensorCircuit` whose ``W`` variables are all categorical
+            over the backbone vocabulary ``V`` (the paper: a homogeneous HMM, 1024 states).
+            Its parameters are this module's parameters (trained by :func:`diffusion.codd_loss`).
+        mask_id: the mask token id in ``x_t``; may be ``>= V`` (MDLM puts it at ``V``).
+        temperature: tau > 0; the backbone term is tempered, ``p_theta^(1/tau)``, before the
+            product (the paper tempers only the backbone term). Also used by :meth:`log_prob`;
+            train with 1.0.
+        gate: gamma; a row's window is modified only when its mask ratio (masked positions /
+            real window positions) is strictly below ``gate``. Each row is gated on its own
+            (the published code averages the ratio over the batch). ``gate > 1`` never gates.
+        mode: what the call returns at masked positions:
+            ``"latent"`` (the paper): draw the latent path (one input node per position) from
+            its posterior under the product and return
+            ``log_softmax(logits / tau) + log theta_{chosen node}``;
+            ``"marginal"``: the exact log posterior marginals ``log p_hat(x^i | x_t)``
+            (deterministic);
+            ``"sample"``: one exact joint sample of ``p_hat`` as one-hot logits (0 at the drawn
+            token, ``-inf`` elsewhere);
+            ``"any_order"`` (the paper's CoDD+AO): positions are fixed one at a time, the most
+            confident first, each to the argmax of its exact conditional given the
+            positions fixed before it; a position's logits are its log-conditional at the
+            moment it was fixed, so a greedy host sampler reproduces the fixed tokens and its
+            confidence is the conditional probability. Costs one posterior pass per masked
+            position.
+        top_k: keep only each masked position's ``top_k`` largest backbone logits as evidence
+            (the backbone distribution is truncated and renormalised; tokens outside the top-k
+            get ``-inf`` logits). ``None`` = full vocabulary (exact).
+
+    Returned logits may contain ``-inf`` (tokens of probability zero); unmasked positions and
+    ungated rows are returned unchanged.
+    """
+
+    def __init__(self, circuit: pclayer.TensorCircuit, *, mask_id: int, temperature: float = 1.0,
+                 gate: float = 1.0, mode: str = "latent", top_k: int | None = None):
+        super().__init__()
+        if not isinstance(circuit, pclayer.TensorCircuit):
+            raise TypeError(f"circuit: expected a pclayer.TensorCircuit (see pclayer.compile), got {type(circuit).__name__}")
+        self.vocab_size = check_circuit(circuit)
+        self.circuit = circuit
+        self.mask_id = check_mask_id(mask_id)
+        self.temperature = check_temperature(temperature)
+        if isinstance(gate, bool) or not isinstance(gate, (int, float)) or gate != gate:
+            raise ValueError(f"gate: expected a number (mask-ratio threshold), got {gate!r}")
+        self.gate = float(gate)
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self.top_k = check_top_k(top_k, self.vocab_size)
+
+    @property
+    def window(self) -> int:
+        """W, the number of positions the circuit covers."""
+        return self.circuit.num_vars
+
+    def extra_repr(self) -> str:
+        return (f"window={self.window}, vocab_size={self.vocab_size}, mask_id={self.mask_id}, "
+                f"temperature={self.temperature}, gate={self.gate}, mode={self.mode!r}, top_k={self.top_k}")
+
+    def evidence(self, logits: torch.Tensor, x_t: torch.Tensor) -> WindowEvidence:
+        """The window's circuit evidence (see :func:`diffusion.evidence.window_evidence`)."""
+        return window_evidence(self.circuit, logits, x_t, self.mask_id, self.temperature, self.top_k)
+
+    def gated_rows(self, x_t: torch.Tensor, gate: float | None = None) -> torch.Tensor:
+        """(B,) bool: rows with at least one masked position and mask ratio ``< gate``
+        (``self.gate`` unless given)."""
+        masked = x_t == self.mask_id
+        ratio = masked.to(torch.float64).mean(dim=1)
+        return masked.any(dim=1) & (ratio < (self.gate if gate is None else gate))
+
+    def forward(self, logits: torch.Tensor, x_t: torch.Tensor, generator: torch.Generator | None = None,
+                gate: float | None = None) -> torch.Tensor:
+        """Apply the layer to a window.
+
+        Args:
+            logits: (B, w, V) backbone logits of the window's positions, ``w <= W``; a window
+                shorter than the circuit (end of a sequence) sums out positions ``w..W-1``.
+            x_t: (B, w) current tokens, ``mask_id`` where masked.
+            generator: torch generator for the random modes (``"latent"``, ``"sample"``).
+            gate: overrides ``self.gate`` for this call.
+
+        Returns:
+            (B, w, V) logits in ``logits.dtype``: modified at the masked positions of gated rows.
+        """
+        ev = self.evidence(logits, x_t)
+        rows = self.gated_rows(x_t, gate).nonzero().flatten()
+        out = logits.clone()
+        if rows.numel() == 0:
+            return out
+        sub = WindowEvidence(ev.x[rows], ev.masked[rows], ev.missing[rows], ev.soft[rows], ev.width)
+        with torch.no_grad():
+            new = self._window_logits(sub, generator)[:, : ev.width]
+        masked = sub.masked[:, : ev.width].unsqueeze(-1)
+        out[rows] = torch.where(masked, new.to(out.dtype), out[rows])
+        return out
+
+    def _window_logits(self, ev: WindowEvidence, generator: torch.Generator | None) -> torch.Tensor:
+        """(B, W, V) new logits for every position of the (gated) rows of ``ev``."""
+        circuit = self.circuit
+        if self.mode == "latent":
+            result = circuit.sample(x=ev.x, missing=ev.missing, soft_evidence=ev.soft, generator=generator, return_nodes=True)
+            return ev.soft + result.node_log_probs
+        if self.mode == "marginal":
+            return torch.log(circuit.posterior(ev.x, missing=ev.missing, soft_evidence=ev.soft))
+        if self.mode == "sample":
+            drawn = circuit.sample(x=ev.x, missing=ev.missing, soft_evidence=ev.soft, generator=generator)
+            one_hot = torch.full_like(ev.soft, -torch.inf)
+            return one_hot.scatter(-1, drawn.unsqueeze(-1), 0.0)
+        return self._any_order(ev)
+
+    def _any_order(self, ev: WindowEvidence) -> torch.Tensor:
+        circuit = self.circuit
+        x, missing, free = ev.x.clone(), ev.missing.clone(), ev.masked.clone()
+        out = torch.zeros_like(ev.soft)
+        rows = torch.arange(x.shape[0], device=x.device)
+        while bool(free.any()):
+            log_post = torch.log(circuit.posterior(x, missing=missing, soft_evidence=ev.soft))
+            best_value, best_token = log_post.max(dim=-1)  # (B, W)
+            confidence = torch.where(free, best_value, torch.full_like(best_value, -torch.inf))
+            position = confidence.argmax(dim=1)
+            active = free[rows, position]
+            r, p = rows[active], position[active]
+            out[r, p] = log_post[r, p]
+            x[r, p] = best_token[r, p]
+            missing[r, p] = False
+            free[r, p] = False
+        return out
+
+    def log_prob(self, x_0: torch.Tensor, logits: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """Exact ``log p_hat(x_0^M | x_t)`` of the clean tokens at the masked positions.
+
+        ``log p_hat = log F(x_0 at all positions) - log F(x_t's unmasked tokens, masked
+        positions summed out)``, both circuit passes with the tempered backbone
+        log-probabilities as soft evidence on the masked positions. Ignores the gate (an
+        inference rule). Differentiable with respect to the circuit parameters and ``logits``.
+
+        Args:
+            x_0: (B, w) clean tokens in ``[0, V)``; must equal ``x_t`` at unmasked positions.
+            logits: (B, w, V) backbone logits.
+            x_t: (B, w) noisy tokens.
+
+        Returns:
+            (B,) log-probabilities (0 for rows with no masked position).
+        """
+        ev = self.evidence(logits, x_t)
+        batch, width = x_t.shape
+        x_0 = check_tokens("x_0", x_0, (batch, width), self.vocab_size, None)
+        unmasked = ~ev.masked[:, :width]
+        disagree = unmasked & (x_0 != x_t)
+        if bool(disagree.any()):
+            b, i = (int(v) for v in disagree.nonzero()[0])
+            raise ValueError(f"x_0: differs from x_t at unmasked position (row {b}, position {i}): {int(x_0[b, i])} vs {int(x_t[b, i])}")
+        x_full = torch.nn.functional.pad(x_0, (0, self.window - width), value=0)
+        padding = ev.missing & ~ev.masked
+        numerator = self.circuit.log_prob(x_full, missing=padding, soft_evidence=ev.soft)
+        denominator = self.circuit.log_prob(ev.x, missing=ev.missing, soft_evidence=ev.soft)
+        if bool(torch.isinf(denominator).any()):
+            rows = torch.isinf(denominator).nonzero().flatten().tolist()
+            raise pclayer.ZeroProbabilityError(f"x_t: the unmasked tokens of rows {rows[:10]} have probability zero under the circuit")
+        return numerator - denominator

@@ -1,0 +1,169 @@
+"""Training the CoDD layer's circuit with the backbone frozen (paper §4.3, §6.2).
+
+The paper's code does not publish training; every choice made here is listed in
+:func:`train_codd`'s docstring.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from diffusion.layer import CoDDLayer
+from diffusion.loss import codd_loss
+
+
+def noise(x_0: torch.Tensor, maskable: torch.Tensor, mask_id: int, eps: float,
+          generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLaDA's forward process: per row ``t ~ U(0, 1)``, ``p = (1 - eps) t + eps``; each
+    maskable token is masked with probability ``p``. Returns ``(x_t (B, L), p (B,))``."""
+    t = torch.rand(x_0.shape[0], generator=generator, dtype=torch.float64)
+    p = (1 - eps) * t + eps
+    hit = torch.rand(x_0.shape, generator=generator, dtype=torch.float64) < p[:, None]
+    return torch.where(hit.to(x_0.device) & maskable, torch.full_like(x_0, mask_id), x_0), p
+
+
+def windowed_loss(layer: CoDDLayer, x_0: torch.Tensor, logits: torch.Tensor, x_t: torch.Tensor,
+                  weight: torch.Tensor) -> torch.Tensor:
+    """:func:`codd_loss` over consecutive windows ``[0, W), [W, 2W), ...`` of (B, L)
+    sequences (the last one may be shorter), normalised by the ``B * L`` positions."""
+    length, window = x_0.shape[1], layer.window
+    total = logits.new_zeros((), dtype=torch.float64)
+    for start in range(0, length, window):
+        stop = min(start + window, length)
+        part = codd_loss(layer, x_0[:, start:stop], logits[:, start:stop], x_t[:, start:stop], weight)
+        total = total + part.to(torch.float64) * (x_0.shape[0] * (stop - start))
+    return total / (x_0.shape[0] * length)
+
+
+def _truncate(logits: torch.Tensor, x_0: torch.Tensor, top_k: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Keep each position's ``top_k`` logits, always including the clean token ``x_0``."""
+    if top_k is None or top_k >= logits.shape[-1]:
+        return logits.float(), None
+    forced = logits.scatter(-1, x_0.unsqueeze(-1), torch.inf)
+    indices = forced.topk(top_k, dim=-1).indices
+    return logits.gather(-1, indices).float(), indices
+
+
+def _dense(values: torch.Tensor, indices: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    if indices is None:
+        return values
+    return torch.full((*values.shape[:-1], vocab), -torch.inf, dtype=values.dtype, device=values.device).scatter(-1, indices, values)
+
+
+def train_codd(layer: CoDDLayer, backbone: Callable[[torch.Tensor], torch.Tensor], data: torch.Tensor, *,
+               epochs: int = 1, batch_size: int = 8, lr: float = 1e-2, prompt_mask: torch.Tensor | None = None,
+               cache_logits: bool = False, top_k: int | None = None, eps: float = 1e-3, seed: int = 0,
+               progress: bool = True) -> dict:
+    """Fit the circuit of ``layer`` by Adam on the exact loss of Eq. 7, backbone frozen.
+
+    Choices (the paper does not publish its training code):
+
+    * Noise: per sequence ``t ~ U(0, 1)``, masking probability ``p = (1 - eps) t + eps``
+      (LLaDA), each maskable token masked independently; with ``prompt_mask`` only response
+      tokens (``prompt_mask == False``) are maskable.
+    * Backbone: frozen: called under ``torch.no_grad`` on the noisy sequence ``x_t`` (it
+      sees the whole sequence); its parameters are never optimised.
+      ``cache_logits=True`` masks every sequence once (seeded) and reuses its logits for all
+      epochs, as the paper precomputes logits; otherwise each batch is re-noised.
+      ``top_k`` keeps only each position's ``top_k`` logits, always including the clean
+      token (the rest ``-inf``: the backbone distribution is truncated for training, and
+      the target must keep non-zero probability).
+    * Windows: each sequence is cut into consecutive windows ``[0, W), [W, 2W), ...`` of
+      the circuit's width (the last may be shorter and has its missing positions summed
+      out); all windows share the circuit's global parameters.
+    * Loss: :func:`codd_loss` with weight ``1 / p`` (MDLM/LLaDA ELBO weight), summed over
+      windows and divided by the number of positions ``B * L`` (LLaDA's normalisation), i.e.
+      about the NLL per masked token. The layer's temperature applies (use 1.0); the
+      gate does not.
+    * Optimiser: ``torch.optim.Adam(lr)`` on the circuit's unnormalised log-parameters.
+      EM does not apply: the objective is a difference of two log partition functions
+      (numerator with ``x_0``, denominator with masked positions summed out), so its
+      gradient is a difference of flows that EM's closed-form update cannot take.
+    * Order: batches in a seeded random permutation each epoch (fixed order with the cache).
+
+    Args:
+        layer: the :class:`CoDDLayer` whose ``circuit`` is trained in place.
+        backbone: ``x (B, L) -> logits (B, L, V)`` (see :mod:`diffusion.adapters`).
+        data: (N, L) clean token ids in ``[0, V)``.
+        epochs, batch_size, lr: Adam schedule.
+        prompt_mask: optional (N, L) bool, True at prompt tokens (never masked).
+        cache_logits, top_k: see above.
+        eps: smallest masking probability.
+        seed: seeds noise and batch order.
+        progress: show a tqdm bar and print a summary.
+
+    Returns:
+        History dict: ``step_loss`` (loss per step), ``epoch_loss`` (mean per epoch),
+        ``seconds`` (wall time).
+    """
+    if not isinstance(data, torch.Tensor) or data.ndim != 2 or data.is_floating_point() or data.dtype == torch.bool:
+        raise ValueError(f"data: expected an (N, L) integer tensor of token ids, got {getattr(data, 'shape', type(data).__name__)}")
+    if bool(((data < 0) | (data >= layer.vocab_size)).any()):
+        raise ValueError(f"data: token ids must lie in [0, {layer.vocab_size})")
+    if prompt_mask is None:
+        prompt_mask = torch.zeros_like(data, dtype=torch.bool)
+    if not isinstance(prompt_mask, torch.Tensor) or prompt_mask.dtype != torch.bool or prompt_mask.shape != data.shape:
+        raise ValueError(f"prompt_mask: expected a bool tensor of shape {tuple(data.shape)}")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if not lr > 0:
+        raise ValueError(f"lr: expected a positive number, got {lr!r}")
+    if not 0 < eps < 1:
+        raise ValueError(f"eps: expected a number in (0, 1), got {eps!r}")
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(layer.circuit.parameters(), lr=lr)
+    num_rows, vocab = data.shape[0], layer.vocab_size
+    data = data.long()
+
+    def backbone_logits(x_t: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            logits = backbone(x_t)
+        if not isinstance(logits, torch.Tensor) or logits.shape != (*x_t.shape, vocab):
+            raise ValueError(f"backbone: expected logits of shape {(*x_t.shape, vocab)}, got {getattr(logits, 'shape', type(logits).__name__)}")
+        return logits
+
+    cache = None
+    if cache_logits:
+        x_t_all, p_all = noise(data, ~prompt_mask, layer.mask_id, eps, generator)
+        stored = []
+        for start in tqdm(range(0, num_rows, batch_size), desc="backbone logits", disable=not progress):
+            stored.append(_truncate(backbone_logits(x_t_all[start:start + batch_size]), data[start:start + batch_size], top_k))
+        cache = (x_t_all, p_all, stored)
+
+    history: dict = {"step_loss": [], "epoch_loss": [], "seconds": 0.0}
+    began = time.perf_counter()
+    total_steps = epochs * ((num_rows + batch_size - 1) // batch_size)
+    bar = tqdm(total=total_steps, desc="train_codd", disable=not progress)
+    for _ in range(epochs):
+        order = torch.randperm(num_rows, generator=generator) if cache is None else torch.arange(num_rows)
+        losses = []
+        for batch_index, start in enumerate(range(0, num_rows, batch_size)):
+            rows = order[start:start + batch_size]
+            x_0 = data[rows]
+            if cache is None:
+                x_t, p = noise(x_0, ~prompt_mask[rows], layer.mask_id, eps, generator)
+                logits = _dense(*_truncate(backbone_logits(x_t), x_0, top_k), vocab)
+            else:
+                x_t, p = cache[0][rows], cache[1][rows]
+                logits = _dense(*cache[2][batch_index], vocab)
+            loss = windowed_loss(layer, x_0, logits, x_t, (1.0 / p).to(logits.dtype))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        history["step_loss"].extend(losses)
+        history["epoch_loss"].append(sum(losses) / len(losses))
+    bar.close()
+    history["seconds"] = time.perf_counter() - began
+    if progress:
+        first, last = history["epoch_loss"][0], history["epoch_loss"][-1]
+        print(f"train_codd: {epochs} epochs, {total_steps} steps in {history['seconds']:.1f}s; "
+              f"loss per masked token {first:.4f} -> {last:.4f} nats")
+    return history

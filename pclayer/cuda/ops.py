@@ -1,0 +1,170 @@
+"""Torch-facing wrappers of the CUDA kernels: shape bookkeeping, output allocation, grids.
+
+Every function takes a ``runner`` that executes one launch: :class:`pclayer.cuda.cupy_runner.CupyRunner`
+on a GPU, or the test-only CPU emulator. Inputs are made contiguous (no copy when they already
+are); outputs are allocated with torch on the inputs' device. Only float32 and float64 are
+supported (:data:`SUPPORTED_DTYPES`). Callers validate shapes (see :mod:`pclayer.ops.dispatch`).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+
+THREADS = 128
+"""Threads per block of every launch; equals ``PC_SUM_TILE`` in sum_dense.cu."""
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_MAX_GRID_Y = 65535
+
+
+class KernelRunner(Protocol):
+    """Runs ``kernel`` from the .cu file ``source`` over ``grid`` x ``block`` with ``args``
+    (torch tensors for pointers, numpy scalars for values), cupy's calling convention."""
+
+    def __call__(self, source: str, kernel: str, grid: tuple[int, int, int], block: tuple[int, int, int],
+                 args: tuple) -> None: ...
+
+
+def _blocks(count: int) -> int:
+    return (count + THREADS - 1) // THREADS
+
+
+def _int32(value: int, name: str) -> np.int32:
+    if not 0 <= value < 2**31:
+        raise ValueError(f"{name}: {value} does not fit the kernels' 32-bit size arguments")
+    return np.int32(value)
+
+
+def _name(stem: str, dtype: torch.dtype) -> str:
+    if dtype not in _SUFFIX:
+        raise TypeError(f"dtype: CUDA kernels support float32 and float64, got {dtype}")
+    return f"{stem}_{_SUFFIX[dtype]}"
+
+
+def sum_dense_forward(runner: KernelRunner, x: torch.Tensor, logw: torch.Tensor) -> torch.Tensor:
+    """``y[b,g,n] = log sum_c exp(logw[g|0,n,c] + x[b,g,c])``: x (B,G,C), logw (G|1,N,C) -> (B,G,N)."""
+    x, logw = x.contiguous(), logw.contiguous()
+    batch, groups, children = x.shape
+    nodes = logw.shape[1]
+    y = torch.empty(batch, groups, nodes, dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    if _blocks(nodes) > _MAX_GRID_Y:
+        raise ValueError(f"logw: {nodes} nodes per group exceed the kernel grid ({_MAX_GRID_Y * THREADS})")
+    runner("sum_dense.cu", _name("pc_sum_dense_fwd", x.dtype), (batch * groups, _blocks(nodes), 1), (THREADS, 1, 1),
+           (x, logw, y, _int32(groups, "G"), _int32(nodes, "N"), _int32(children, "C"), np.int32(logw.shape[0] == 1)))
+    return y
+
+
+def sum_dense_backward(runner: KernelRunner, x: torch.Tensor, logw: torch.Tensor, y: torch.Tensor,
+                       grad_y: torch.Tensor, need_x: bool, need_logw: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Node flows ``grad_x`` (B,G,C) and parameter flows ``grad_logw`` (G|1,N,C) of
+    :func:`sum_dense_forward` (each None when not needed); terms with non-finite y are zero."""
+    x, logw, y, grad_y = x.contiguous(), logw.contiguous(), y.contiguous(), grad_y.contiguous()
+    batch, groups, children = x.shape
+    weight_groups, nodes, _ = logw.shape
+    grad_x = grad_logw = None
+    if need_x:
+        grad_x = torch.zeros_like(x)
+        if x.numel() and nodes:
+            runner("sum_dense.cu", _name("pc_sum_dense_grad_x", x.dtype), (_blocks(x.numel()), 1, 1), (THREADS, 1, 1),
+                   (x, logw, y, grad_y, grad_x, np.int64(batch * groups), _int32(groups, "G"), _int32(nodes, "N"),
+                    _int32(children, "C"), np.int32(weight_groups == 1)))
+    if need_logw:
+        grad_logw = torch.zeros_like(logw)
+        if logw.numel() and batch * groups:
+            runner("sum_dense.cu", _name("pc_sum_dense_grad_logw", x.dtype), (_blocks(logw.numel()), 1, 1),
+                   (THREADS, 1, 1), (x, logw, y, grad_y, grad_logw, _int32(batch, "B"), _int32(groups, "G"),
+                                     _int32(weight_groups, "Gw"), _int32(nodes, "N"), _int32(children, "C")))
+    return grad_x, grad_logw
+
+
+def logsumexp_forward(runner: KernelRunner, a: torch.Tensor) -> torch.Tensor:
+    """``log sum_f exp(a[..., f])``: a (..., F) -> (...); all ``-inf`` rows give ``-inf``."""
+    a = a.contiguous()
+    width = a.shape[-1]
+    y = torch.empty(a.shape[:-1], dtype=a.dtype, device=a.device)
+    if y.numel():
+        runner("logsumexp_rows.cu", _name("pc_logsumexp_rows_fwd", a.dtype), (_blocks(y.numel()), 1, 1),
+               (THREADS, 1, 1), (a, y, np.int64(y.numel()), _int32(width, "F")))
+    return y
+
+
+def logsumexp_backward(runner: KernelRunner, a: torch.Tensor, y: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+    """``grad_a = grad_y exp(a - y)`` (zero where y is not finite): a (..., F) -> (..., F)."""
+    a, y, grad_y = a.contiguous(), y.contiguous(), grad_y.contiguous()
+    grad_a = torch.empty_like(a)
+    if a.numel():
+        runner("logsumexp_rows.cu", _name("pc_logsumexp_rows_bwd", a.dtype), (_blocks(a.numel()), 1, 1),
+               (THREADS, 1, 1), (a, y, grad_y, grad_a, np.int64(y.numel()), _int32(a.shape[-1], "F")))
+    return grad_a
+
+
+def categorical_topk_forward(runner: KernelRunner, values: torch.Tensor, indices: torch.Tensor,
+                             log_table: torch.Tensor) -> torch.Tensor:
+    """``y[b,g,n] = log sum_j exp(values[b,g,j] + log_table[g|0,n,indices[b,g,j]])``:
+    values, indices (B,G,k), log_table (G|1,n,K) -> (B,G,n). Indices must lie in [0, K)."""
+    values, indices, log_table = values.contiguous(), indices.contiguous(), log_table.contiguous()
+    batch, groups, k = values.shape
+    table_groups, nodes, cats = log_table.shape
+    y = torch.empty(batch, groups, nodes, dtype=values.dtype, device=values.device)
+    if y.numel():
+        runner("categorical_topk.cu", _name("pc_categorical_topk_fwd", values.dtype), (_blocks(y.numel()), 1, 1),
+               (THREADS, 1, 1), (values, indices, log_table, y, np.int64(batch * groups), _int32(groups, "G"),
+                                 _int32(k, "k"), _int32(nodes, "n"), _int32(cats, "K"), np.int32(table_groups == 1)))
+    return y
+
+
+def inverse_cdf(runner: KernelRunner, logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Index per row drawn from softmax(logits) (A,C) by inverse CDF with uniforms (A,) -> (A,) int64."""
+    logits, uniforms = logits.contiguous(), uniforms.to(logits.dtype).contiguous()
+    rows, width = logits.shape
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if rows:
+        runner("inverse_cdf.cu", _name("pc_inverse_cdf", logits.dtype), (_blocks(rows), 1, 1), (THREADS, 1, 1),
+               (logits, uniforms, out, np.int64(rows), _int32(width, "C")))
+    return out
+
+
+class _SumDense(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, logw: torch.Tensor, runner: KernelRunner) -> torch.Tensor:  # type: ignore[override]
+        y = sum_dense_forward(runner, x, logw)
+        ctx.runner = runner
+        ctx.save_for_backward(x, logw, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):  # type: ignore[override]
+        x, logw, y = ctx.saved_tensors
+        grad_x, grad_logw = sum_dense_backward(ctx.runner, x, logw, y, grad_y, ctx.needs_input_grad[0],
+                                               ctx.needs_input_grad[1])
+        return grad_x, grad_logw, None
+
+
+class _LogSumExp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, runner: KernelRunner) -> torch.Tensor:  # type: ignore[override]
+        y = logsumexp_forward(runner, a)
+        ctx.runner = runner
+        ctx.save_for_backward(a, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):  # type: ignore[override]
+        a, y = ctx.saved_tensors
+        return logsumexp_backward(ctx.runner, a, y, grad_y), None
+
+
+def sum_dense(runner: KernelRunner, x: torch.Tensor, logw: torch.Tensor) -> torch.Tensor:
+    """Differentiable :func:`sum_dense_forward`; backward runs the flow kernels."""
+    return _SumDense.apply(x, logw, runner)
+
+
+def logsumexp(runner: KernelRunner, a: torch.Tensor) -> torch.Tensor:
+    """Differentiable :func:`logsumexp_forward`; backward runs the flow kernel."""
+    return _LogSumExp.apply(a, runner)

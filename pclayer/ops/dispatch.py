@@ -1,0 +1,183 @@
+"""The one dispatch point between the torch path and the CUDA kernels.
+
+Every hot operation of the compiled program goes through a function here with a
+``backend`` argument: ``"auto"`` (default) runs the CUDA kernels when every tensor is a
+float32/float64 CUDA tensor and cupy is importable and working, else the torch path;
+``"torch"`` always runs the torch path; ``"cuda"`` runs the kernels or raises
+:class:`BackendUnavailableError` saying why not. cupy is imported only when CUDA tensors
+arrive (or :func:`backend_info` asks); any failure to import or use it (not installed, no
+driver: ``cudaErrorInsufficientDriver``) means the torch path. :func:`last_backend` tells
+which backend ran the most recent operation.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import torch
+
+from pclayer.ops.inverse_cdf import inverse_cdf as _torch_inverse_cdf
+from pclayer.ops.log_matmul_exp import log_matmul_exp
+from pclayer.ops.masked_logsumexp import masked_logsumexp
+from pclayer.ops.sparse_evidence import categorical_topk_evidence as _torch_topk
+
+Backend = Literal["auto", "torch", "cuda"]
+_BACKENDS = ("auto", "torch", "cuda")
+_last: str | None = None
+
+
+class BackendUnavailableError(RuntimeError):
+    """``backend="cuda"`` was requested where the CUDA kernels cannot run."""
+
+
+@functools.cache
+def cuda_unavailable_reason() -> str | None:
+    """None if cupy can run kernels on this machine, else the reason (probed once, cached)."""
+    from pclayer.cuda.cupy_runner import unavailable_reason
+
+    return unavailable_reason()
+
+
+@functools.cache
+def _runner():
+    from pclayer.cuda.cupy_runner import CupyRunner
+
+    return CupyRunner()
+
+
+def _kernel_obstacle(tensors: tuple[torch.Tensor, ...], differentiable: bool) -> str | None:
+    from pclayer.cuda.ops import SUPPORTED_DTYPES
+
+    devices = {t.device.type for t in tensors}
+    if devices != {"cuda"}:
+        return f"the kernels need CUDA tensors, got tensors on {sorted(devices)}"
+    dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+    if not dtypes <= set(SUPPORTED_DTYPES):
+        return f"the kernels support float32 and float64, got {sorted(map(str, dtypes))}"
+    if not differentiable and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return "this operation has no backward kernel and an input requires grad"
+    return cuda_unavailable_reason()
+
+
+def _select(backend: str, operation: str, tensors: tuple[torch.Tensor, ...], differentiable: bool = True) -> str:
+    global _last
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+    chosen = "torch"
+    if backend != "torch":
+        obstacle = _kernel_obstacle(tensors, differentiable)
+        if obstacle is None:
+            chosen = "cuda"
+        elif backend == "cuda":
+            raise BackendUnavailableError(f"backend='cuda' cannot run {operation}: {obstacle}")
+    _last = chosen
+    return chosen
+
+
+def last_backend() -> str | None:
+    """``"torch"`` or ``"cuda"``: the backend of the most recent dispatched operation (None before any)."""
+    return _last
+
+
+def backend_info() -> dict[str, object]:
+    """What the dispatcher knows: ``cuda_available`` (bool), ``cuda_unavailable_reason``
+    (str or None), ``kernel_sources`` (.cu file -> "fatbin" or "nvrtc" for loaded kernels) and
+    ``last_backend``. Probes cupy (importing it) if that has not happened yet."""
+    reason = cuda_unavailable_reason()
+    return {
+        "cuda_available": reason is None,
+        "cuda_unavailable_reason": reason,
+        "kernel_sources": dict(_runner().sources) if reason is None else {},
+        "last_backend": _last,
+    }
+
+
+def _check_float(name: str, tensor: torch.Tensor, dim: int) -> None:
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.dim() != dim:
+        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(f"{name}: expected a {dim}-d floating tensor, got {shape}")
+
+
+def sum_dense(x: torch.Tensor, logw: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
+    """Dense sum layer ``y[b,g,n] = log sum_c exp(logw[g,n,c] + x[b,g,c])`` (exact).
+
+    Args:
+        x: (B, G, C) child log-values.
+        logw: (G, N, C) or (1, N, C) log-weights (``-inf`` = no edge; a leading 1 is shared).
+        backend: "auto", "torch" or "cuda".
+
+    Returns:
+        (B, G, N); differentiable in both arguments (the ``logw`` gradient is the edge flow).
+        Also the categorical input layer under full soft evidence, with x = evidence (B, G, K)
+        and logw = log-probability table (G|1, n, K).
+    """
+    _check_float("x", x, 3)
+    _check_float("logw", logw, 3)
+    if logw.shape[0] not in (1, x.shape[1]) or logw.shape[2] != x.shape[2] or logw.dtype != x.dtype:
+        raise ValueError(f"logw: expected shape (1 or {x.shape[1]}, N, {x.shape[2]}) and dtype {x.dtype}, "
+                         f"got {tuple(logw.shape)} {logw.dtype}")
+    if _select(backend, "sum_dense", (x, logw)) == "cuda":
+        from pclayer.cuda import ops
+
+        return ops.sum_dense(_runner(), x, logw)
+    return log_matmul_exp(x, logw)
+
+
+def logsumexp(a: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
+    """Padded (block-sparse) sum layer ``log sum_f exp(a[..., f])``: a (..., F) -> (...).
+
+    ``a`` holds child value + log-weight with ``-inf`` pads; all ``-inf`` rows give ``-inf``
+    with zero gradient. Differentiable.
+    """
+    if not isinstance(a, torch.Tensor) or not a.is_floating_point() or a.dim() < 1:
+        raise ValueError(f"a: expected a floating tensor with at least one dimension, got {getattr(a, 'shape', a)}")
+    if _select(backend, "logsumexp", (a,)) == "cuda":
+        from pclayer.cuda import ops
+
+        return ops.logsumexp(_runner(), a)
+    return masked_logsumexp(a)
+
+
+def categorical_topk_evidence(values: torch.Tensor, indices: torch.Tensor, log_table: torch.Tensor,
+                              backend: Backend = "auto") -> torch.Tensor:
+    """Categorical input nodes under top-k soft evidence: ``log sum_k theta_n(k) w(k)`` where
+    w is given on k categories per row.
+
+    Args:
+        values: (B, G, k) log-weights; indices: (B, G, k) int64 categories in [0, K).
+        log_table: (G|1, n, K) log-probabilities.
+
+    Returns:
+        (B, G, n). The kernel is forward-only: with gradients required, "auto" uses torch.
+    """
+    _check_float("values", values, 3)
+    _check_float("log_table", log_table, 3)
+    if indices.dtype != torch.int64 or indices.shape != values.shape:
+        raise ValueError(f"indices: expected int64 of shape {tuple(values.shape)}, got {indices.dtype} {tuple(indices.shape)}")
+    if log_table.shape[0] not in (1, values.shape[1]) or log_table.dtype != values.dtype:
+        raise ValueError(f"log_table: expected shape (1 or {values.shape[1]}, n, K) and dtype {values.dtype}, "
+                         f"got {tuple(log_table.shape)} {log_table.dtype}")
+    cats = log_table.shape[2]
+    if indices.numel() and bool(((indices < 0) | (indices >= cats)).any()):
+        raise ValueError(f"indices: expected categories in [0, {cats}), got range [{int(indices.min())}, {int(indices.max())}]")
+    if _select(backend, "categorical_topk_evidence", (values, indices, log_table), differentiable=False) == "cuda":
+        from pclayer.cuda import ops
+
+        return ops.categorical_topk_forward(_runner(), values, indices, log_table)
+    return _torch_topk(values, indices, log_table)
+
+
+def inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
+    """Top-down sampling choice: index per row of logits (A, C) by inverse CDF with uniforms (A,)
+    in [0, 1]; kernel and torch path choose identically for identical uniforms. Returns (A,) int64."""
+    _check_float("logits", logits, 2)
+    if not isinstance(uniforms, torch.Tensor) or uniforms.shape != logits.shape[:1]:
+        raise ValueError(f"uniforms: expected shape ({logits.shape[0]},), got {getattr(uniforms, 'shape', uniforms)}")
+    if uniforms.numel() and bool(((uniforms < 0) | (uniforms > 1) | uniforms.isnan()).any()):
+        raise ValueError("uniforms: expected values in [0, 1] without NaN")
+    if _select(backend, "inverse_cdf", (logits, uniforms)) == "cuda":  # an index has no gradient
+        from pclayer.cuda import ops
+
+        return ops.inverse_cdf(_runner(), logits.detach(), uniforms)
+    return _torch_inverse_cdf(logits, uniforms)

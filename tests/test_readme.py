@@ -1,0 +1,32 @@
+"""The README's quickstart runs exactly as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _quickstart() -> str:
+    text = README.read_text()
+    section = text.split("## Quickstart", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, "README: no python block under '## Quickstart'"
+    return match.group(1)
+
+
+def test_quickstart_runs_and_is_short(capsys):
+    code = _quickstart()
+    assert len(code.strip().splitlines()) <= 15
+    exec(compile(code, "README-quickstart", "exec"), {})
+    assert "tensor" in capsys.readouterr().out
+
+
+def test_readme_opens_with_the_two_commands():
+    lines = README.read_text().splitlines()
+    head = "\n".join(lines[:30])
+    assert "python -m diffusion.demo" in head
+    assert "pytest" in head
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "python -m pytest -q -m \"not slow\"" in ci

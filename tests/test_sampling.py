@@ -1,0 +1,222 @@
+"""Exact sampling: chi-square goodness of fit against brute-force probabilities."""
+
+from __future__ import annotations
+
+import numpy as np
+import pclayer as pc
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from scipy import stats
+
+import reference as ref
+from conftest import evidence, random_circuits
+
+NUM_SAMPLES = 20000
+P_MIN = 1e-3
+
+
+def _small_circuit() -> pc.NodeGroup:
+    """Three variables (2, 3, 2 categories) with a dense and a sparse sum, products with
+    default and explicit edges, a shared group, tied leaves, and all three discrete leaf kinds."""
+    generator = torch.Generator().manual_seed(0)
+    a = pc.inputs(0, 2, pc.Categorical(2), generator=generator)
+    b = pc.inputs(1, 3, pc.Categorical(3), generator=generator)
+    b_ind = pc.inputs(1, 2, pc.Indicator(3, values=(2, 0)))
+    c = pc.inputs(2, 2, pc.Bernoulli(), generator=generator)
+    c_tied = pc.inputs(2, 2, pc.Bernoulli(), tie=c)
+    bc = pc.multiply(b, c_tied, edges=[[0, 1], [1, 0], [2, 1]])
+    bc_mix = pc.summate(bc, pc.multiply(b_ind, c), num_nodes=2,
+                        edges=[[0, 0, 1, 1, 1], [0, 3, 1, 2, 4]], generator=generator)
+    top = pc.multiply(a, bc_mix)
+    other = pc.multiply(a, bc_mix, edges=[[1, 0], [0, 1]])
+    return pc.summate(top, other, num_nodes=1, generator=generator)
+
+
+def _hmm() -> pc.NodeGroup:
+    return pc.structures.hmm(3, 3, 3, seed=4)
+
+
+def _counts(samples: np.ndarray, var_cats: list[int]) -> np.ndarray:
+    flat = np.ravel_multi_index(tuple(samples.T), tuple(var_cats))
+    return np.bincount(flat, minlength=int(np.prod(var_cats)))
+
+
+def _assert_fits(samples: np.ndarray, probs: np.ndarray, var_cats: list[int]) -> None:
+    """Chi-square test of samples (N, V) against exact probabilities of all assignments."""
+    counts = _counts(samples, var_cats)
+    support = probs > 0
+    assert counts[~support].sum() == 0, "samples fell on assignments of probability zero"
+    expected = probs[support] / probs[support].sum() * len(samples)
+    p_value = stats.chisquare(counts[support], expected).pvalue
+    assert p_value > P_MIN, f"chi-square p-value {p_value:.2e}"
+
+
+@pytest.fixture(params=["small", "hmm"])
+def root(request) -> pc.NodeGroup:
+    return _small_circuit() if request.param == "small" else _hmm()
+
+
+def test_unconditional_samples_follow_the_distribution(root):
+    assignments, probs = ref.joint_table(root)
+    circuit = pc.compile(root, dtype=torch.float64)
+    samples = circuit.sample(NUM_SAMPLES, generator=torch.Generator().manual_seed(1)).numpy()
+    _assert_fits(samples, probs, ref.variable_cats(root))
+
+
+def test_conditional_samples_follow_the_conditional_distribution(root):
+    assignments, probs = ref.joint_table(root)
+    var_cats = ref.variable_cats(root)
+    x = np.array([1] + [0] * (len(var_cats) - 1))
+    missing = np.ones(len(var_cats), dtype=bool)
+    missing[0] = False
+    circuit = pc.compile(root, dtype=torch.float64)
+    samples = circuit.sample(NUM_SAMPLES, x=torch.as_tensor(x)[None], missing=torch.as_tensor(missing)[None],
+                             generator=torch.Generator().manual_seed(2)).numpy()
+    np.testing.assert_array_equal(samples[:, ~missing], np.broadcast_to(x[~missing], (NUM_SAMPLES, (~missing).sum())))
+    _assert_fits(samples, ref.brute_conditional(assignments, probs, x, missing), var_cats)
+
+
+def test_soft_evidence_samples_follow_the_weighted_distribution(root):
+    assignments, probs = ref.joint_table(root)
+    var_cats = ref.variable_cats(root)
+    circuit = pc.compile(root, dtype=torch.float64)
+    weights = np.random.default_rng(3).normal(size=(len(var_cats), circuit.num_cats)) * 1.5
+    soft = torch.as_tensor(weights)[None].expand(NUM_SAMPLES, -1, -1)
+    # Without num_samples the batch size comes from the soft evidence.
+    samples = circuit.sample(soft_evidence=soft, generator=torch.Generator().manual_seed(3)).numpy()
+    assert samples.shape == (NUM_SAMPLES, len(var_cats))
+    x = np.zeros(len(var_cats), dtype=np.int64)
+    _assert_fits(samples, ref.brute_conditional(assignments, probs, x, np.ones_like(x, dtype=bool), weights), var_cats)
+
+
+def test_conditional_soft_evidence_samples(root):
+    assignments, probs = ref.joint_table(root)
+    var_cats = ref.variable_cats(root)
+    circuit = pc.compile(root, dtype=torch.float32)
+    rng = np.random.default_rng(4)
+    weights = rng.normal(size=(len(var_cats), circuit.num_cats))
+    x = np.zeros(len(var_cats), dtype=np.int64)
+    missing = np.ones(len(var_cats), dtype=bool)
+    missing[1] = False
+    samples = circuit.sample(NUM_SAMPLES, x=torch.as_tensor(x)[None], missing=torch.as_tensor(missing)[None],
+                             soft_evidence=torch.as_tensor(weights, dtype=torch.float32)[None],
+                             generator=torch.Generator().manual_seed(5)).numpy()
+    _assert_fits(samples, ref.brute_conditional(assignments, probs, x, missing, weights), var_cats)
+
+
+def _input_node_map(circuit: pc.TensorCircuit) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Variable of every input-layer node and its normalised log-probability row."""
+    tables = circuit.log_tables()
+    node_var, rows = [], []
+    for bucket in circuit.plan.layers[0]["buckets"]:
+        table = tables[bucket["key"]].detach().numpy()
+        for bank, var in zip(bucket["group_bank"].tolist(), bucket["group_var"].tolist()):
+            for j in range(bucket["num_nodes"]):
+                node_var.append(var)
+                rows.append(table[bank, j])
+    return np.array(node_var), rows
+
+
+def test_return_nodes_gives_a_consistent_input_node_per_variable(root):
+    circuit = pc.compile(root, dtype=torch.float64)
+    result = circuit.sample(NUM_SAMPLES, generator=torch.Generator().manual_seed(6), return_nodes=True)
+    assert isinstance(result, pc.SampleResult)
+    x, node, node_logp = (t.numpy() for t in result)
+    node_var, rows = _input_node_map(circuit)
+    var_cats = ref.variable_cats(root)
+    assert node.shape == x.shape and node_logp.shape == (*x.shape, circuit.num_cats)
+    np.testing.assert_array_equal(node_var[node], np.broadcast_to(np.arange(len(var_cats)), x.shape))
+    for v, k in enumerate(var_cats):
+        table = np.stack([rows[n] for n in node[:, v]])
+        np.testing.assert_allclose(node_logp[:, v, :k], table)
+        assert np.all(node_logp[:, v, k:] == -np.inf)
+        np.testing.assert_allclose(np.exp(node_logp[:, v, :k]).sum(-1), 1.0)
+        # Each value was drawn from its node's distribution: a chi-square test per node.
+        for n in np.unique(node[:, v]):
+            chosen = node[:, v] == n
+            if chosen.sum() < 500:
+                continue
+            counts = np.bincount(x[chosen, v], minlength=k)
+            probs = np.exp(rows[n])
+            assert counts[probs == 0].sum() == 0
+            if (probs > 0).sum() < 2:
+                continue
+            expected = probs[probs > 0] * chosen.sum()
+            assert stats.chisquare(counts[probs > 0], expected).pvalue > P_MIN
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    circuit = pc.compile(_small_circuit())
+    first = circuit.sample(50, generator=torch.Generator().manual_seed(9))
+    second = circuit.sample(50, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(first, second)
+
+
+def test_gaussian_leaf_samples_have_the_right_mean_and_std():
+    gauss = pc.inputs(0, 1, pc.Gaussian(), params={"mean": [1.5], "std": [0.7]})
+    cat = pc.inputs(1, 1, pc.Categorical(2), params={"probs": [[0.3, 0.7]]})
+    circuit = pc.compile(pc.multiply(gauss, cat), dtype=torch.float64)
+    samples = circuit.sample(NUM_SAMPLES, generator=torch.Generator().manual_seed(7)).numpy()
+    values = samples[:, 0]
+    assert abs(values.mean() - 1.5) < 5 * 0.7 / np.sqrt(NUM_SAMPLES)
+    assert values.std() == pytest.approx(0.7, rel=0.03)
+    assert stats.kstest(values, "norm", args=(1.5, 0.7)).pvalue > P_MIN
+
+
+def test_gaussian_mixture_samples_and_conditionals():
+    means, stds, mix = np.array([-2.0, 3.0]), np.array([0.5, 1.5]), np.array([0.25, 0.75])
+    gauss = pc.inputs(0, 2, pc.Gaussian(), params={"mean": means, "std": stds})
+    cat = pc.inputs(1, 2, pc.Categorical(3), params={"probs": [[0.6, 0.3, 0.1], [0.1, 0.2, 0.7]]})
+    root = pc.summate(pc.multiply(gauss, cat), num_nodes=1, params=mix[None])
+    circuit = pc.compile(root, dtype=torch.float64)
+    samples = circuit.sample(NUM_SAMPLES, generator=torch.Generator().manual_seed(8)).numpy()
+    mean = (mix * means).sum()
+    std = np.sqrt((mix * (stds**2 + means**2)).sum() - mean**2)
+    assert abs(samples[:, 0].mean() - mean) < 5 * std / np.sqrt(NUM_SAMPLES)
+    assert samples[:, 0].std() == pytest.approx(std, rel=0.03)
+    # Conditioned on the Gaussian value, the category follows p(x1 | x0) from the symbolic reference.
+    x = torch.tensor([[0.4, 0.0]], dtype=torch.float64)
+    missing = torch.tensor([[False, True]])
+    conditional = circuit.sample(NUM_SAMPLES, x=x, missing=missing, generator=torch.Generator().manual_seed(9)).numpy()
+    assert np.all(conditional[:, 0] == 0.4)
+    joint = ref.evaluate(root, np.array([[0.4, k] for k in range(3)]))
+    counts = np.bincount(conditional[:, 1].astype(np.int64), minlength=3)
+    assert stats.chisquare(counts, joint / joint.sum() * NUM_SAMPLES).pvalue > P_MIN
+    # And the Gaussian given the category is the posterior mixture.
+    x = torch.tensor([[0.0, 2.0]], dtype=torch.float64)
+    given = circuit.sample(NUM_SAMPLES, x=x, missing=torch.tensor([[True, False]]),
+                           generator=torch.Generator().manual_seed(10)).numpy()[:, 0]
+    weights = mix * np.array([0.1, 0.7])
+    weights = weights / weights.sum()
+    cdf = lambda v: (weights * stats.norm.cdf((v - means) / stds)).sum()  # noqa: E731
+    assert stats.kstest(given, np.vectorize(cdf)).pvalue > P_MIN
+
+
+@given(random_circuits(), st.data())
+def test_samples_of_random_circuits_are_possible_and_keep_observed_values(root, data):
+    """Every draw has positive weighted probability, keeps the observed entries, and each
+    variable comes from an input node of that variable that supports the drawn value."""
+    assignments, probs = ref.joint_table(root)
+    var_cats = ref.variable_cats(root)
+    x, missing, weights = data.draw(evidence(var_cats, batch=4))
+    possible = ref.brute_log_prob(assignments, probs, x, missing, weights) > -np.inf
+    if not possible.any():
+        return
+    x, missing = x[possible], missing[possible]
+    weights = None if weights is None else weights[possible]
+    circuit = pc.compile(root, dtype=torch.float64)
+    reps = 50
+    result = circuit.sample(x=torch.as_tensor(np.repeat(x, reps, 0)), missing=torch.as_tensor(np.repeat(missing, reps, 0)),
+                            soft_evidence=None if weights is None else torch.as_tensor(np.repeat(weights, reps, 0)),
+                            generator=torch.Generator().manual_seed(0), return_nodes=True)
+    samples, node, node_logp = (t.numpy() for t in result)
+    rows_missing = np.repeat(missing, reps, 0)
+    np.testing.assert_array_equal(samples[~rows_missing], np.repeat(x, reps, 0)[~rows_missing])
+    values = ref.weighted_value(root, samples, None if weights is None else np.repeat(weights, reps, 0))
+    assert np.all(values > 0)
+    node_var, _ = _input_node_map(circuit)
+    np.testing.assert_array_equal(node_var[node], np.broadcast_to(np.arange(len(var_cats)), samples.shape))
+    picked = np.take_along_axis(node_logp, samples[..., None], axis=-1)[..., 0]
+    assert np.all(picked > -np.inf)
