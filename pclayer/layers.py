@@ -241,6 +241,32 @@ class InputLayer(nn.Module):
         return x_out, node, node_logp
 
 
+def _outer_structure(child_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Detect products of two children laid out as G blocks of cross products.
+
+    Returns ``(left (G, S1), right (G, S2))`` with ``child_index[(g*S1 + i)*S2 + j] ==
+    (left[g, i], right[g, j])``, or None. Such a layer (RAT-SPN and Tucker-style region
+    products) is a broadcast sum ``z[left][..., None] + z[right][..., None, :]``.
+    """
+    first, second = child_index[:, 0], child_index[:, 1]
+    num = first.numel()
+    s2 = int((first != first[0]).nonzero()[0]) if bool((first != first[0]).any()) else num
+    if s2 < 2 or num % s2:
+        return None
+    rows = first.view(-1, s2)
+    if not bool((rows == rows[:, :1]).all()):
+        return None
+    right_rows = second.view(-1, s2)
+    differs = (right_rows != right_rows[0]).any(1)
+    s1 = int(differs.nonzero()[0]) if bool(differs.any()) else right_rows.shape[0]
+    if s1 < 2 or right_rows.shape[0] % s1:
+        return None
+    blocks = right_rows.view(-1, s1, s2)
+    if not bool((blocks == blocks[:, :1]).all()):
+        return None
+    return rows[:, 0].view(-1, s1), blocks[:, 0]
+
+
 class ProductLayer(_GatherMixin):
     """Products as gather-and-add: (B, M) -> (B, P) summing ``F`` gathered children."""
 
@@ -251,6 +277,12 @@ class ProductLayer(_GatherMixin):
         self.padded = bool(spec["padded"])
         self.num_nodes = spec["children"].shape[0]
         self.column_reads = None if self.padded else self._column_reads()
+        self.outer = None
+        if self.column_reads is None and not self.padded and self.child_index.shape[1] == 2:
+            self.outer = _outer_structure(self.child_index)
+            if self.outer is not None:
+                _register(self, "outer_left", self.outer[0].reshape(-1))
+                _register(self, "outer_right", self.outer[1].reshape(-1))
 
     def _column_reads(self) -> list[tuple[int, int, int]] | None:
         """(layer, start, length) per child column when every column of ``child_index`` is a
@@ -283,6 +315,11 @@ class ProductLayer(_GatherMixin):
                 out += part
             return out
         z = self.gather(outputs)
+        if self.outer is not None:  # blocks of cross products: one broadcast add, no big gathers
+            groups, left, right = self.outer[0].shape[0], self.outer[0].shape[1], self.outer[1].shape[1]
+            a = z.index_select(1, self.outer_left).view(-1, groups, left, 1)
+            b = z.index_select(1, self.outer_right).view(-1, groups, 1, right)
+            return (a + b).view(z.shape[0], -1)
         if self.padded:
             z = torch.cat([z, z.new_zeros(z.shape[0], 1)], dim=1)
         fan_in = self.child_index.shape[1]

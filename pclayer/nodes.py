@@ -257,10 +257,10 @@ def summate(*children: NodeGroup, num_nodes: int, edges: object | None = None, p
             raise ValueError(f"edges: row 0 must index sum nodes in [0, {num_nodes})")
         if edge_tensor[1].min() < 0 or edge_tensor[1].max() >= total:
             raise ValueError(f"edges: row 1 must index child nodes in [0, {total})")
-        missing = set(range(num_nodes)) - set(edge_tensor[0].tolist())
-        if missing:
-            raise StructureError(f"summate: sum nodes {sorted(missing)[:10]} have no edges")
-        if len(set(map(tuple, edge_tensor.t().tolist()))) != edge_tensor.shape[1]:
+        missing = (torch.bincount(edge_tensor[0], minlength=num_nodes) == 0).nonzero().flatten()
+        if missing.numel():
+            raise StructureError(f"summate: sum nodes {missing[:10].tolist()} have no edges")
+        if torch.unique(edge_tensor[0] * total + edge_tensor[1]).numel() != edge_tensor.shape[1]:
             raise ValueError("edges: expected each (node, child) pair at most once")
     return SumGroup(kids, num_nodes, edge_tensor, params, tie, name, generator)
 
