@@ -11,13 +11,14 @@ from pclayer.distributions import Bernoulli, Categorical, Gaussian, Indicator
 from pclayer.errors import StructureError, ZeroProbabilityError
 from pclayer.nodes import InputGroup, NodeGroup, ProductGroup, SumGroup, inputs, multiply, summate
 from pclayer.queries import SampleResult, log_prob, mpe, posterior, sample
+from pclayer.topk import TopKEvidence
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Bernoulli", "Categorical", "Gaussian", "Indicator",
     "InputGroup", "NodeGroup", "ProductGroup", "SumGroup",
-    "SampleResult", "StructureError", "TensorCircuit", "ZeroProbabilityError",
+    "SampleResult", "StructureError", "TensorCircuit", "TopKEvidence", "ZeroProbabilityError",
     "compile", "inputs", "structures", "log_prob", "mpe", "multiply", "posterior", "sample", "summate",
 ]
 

@@ -70,7 +70,36 @@ class TensorCircuit(nn.Module):
 
     def log_tables(self) -> dict[str, torch.Tensor]:
         """Normalised log-parameters by bank key: sums (banks, N, C) or (N, F), categorical
-        tables (banks, n, K), indicator tables, and Gaussian (banks, 2, n) as stored."""
+        tables (banks, n, K), indicator tables, and Gaussian (banks, 2, n) as stored.
+
+        When no gradient can flow to the parameters (grad mode off, or no parameter requires
+        grad) and outside inference mode, the tables are computed once and reused until any
+        parameter or buffer changes: the cache is keyed on every tensor's version counter
+        (bumped by in-place updates: optimizer steps, EM, ``load_state_dict``), storage
+        address, dtype, device and shape (``.to()``, ``.double()``). Writes through
+        ``tensor.data`` bypass the version counter; call :meth:`clear_table_cache` after them.
+        The cached tables must not be modified in place.
+        """
+        differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in self.params.values())
+        if differentiable or torch.is_inference_mode_enabled():
+            return self._compute_log_tables()
+        key = self._table_cache_key()
+        cached = self.__dict__.get("_table_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, self._compute_log_tables())
+            self.__dict__["_table_cache"] = cached
+        return dict(cached[1])
+
+    def clear_table_cache(self) -> None:
+        """Drop the cached normalised tables of :meth:`log_tables`."""
+        self.__dict__.pop("_table_cache", None)
+
+    def _table_cache_key(self) -> tuple:
+        return tuple((name, t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape))
+                     for name, t in [*self.params.items(), *self.named_buffers()])
+
+    def _compute_log_tables(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for key, value in self.params.items():
             if key.startswith("sparse_"):

@@ -17,6 +17,7 @@ from torch import nn
 
 from pclayer.ops import dispatch
 from pclayer.semiring import Semiring
+from pclayer.topk import TopKEvidence
 
 Chooser = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 """Picks one index per row of log-weights (A, C), given uniforms (A,) or None."""
@@ -184,18 +185,43 @@ class InputLayer(nn.Module):
                     value = table[bucket["shared"]].t()[idx]  # (B, G, n)
                 else:
                     value = _categorical_rows(table, getattr(self, f"bank_{i}"), idx)
-                ev = None
-                if evidence is not None:
-                    ev = evidence.index_select(1, var)[:, :, :k]
-                    value = value + torch.gather(ev, 2, idx.unsqueeze(-1))
-                marginal = None
-                if missing is not None:
-                    shared_table = self._tables(i, bucket, tables, broadcast=True)
-                    marginal = semiring.sum_dense(ev, shared_table) if ev is not None else semiring.no_evidence(shared_table).unsqueeze(0)
+                if isinstance(evidence, TopKEvidence):
+                    value, marginal = self._topk_values(i, bucket, tables, value, idx, var, missing, evidence, semiring)
+                else:
+                    ev = None
+                    if evidence is not None:
+                        ev = evidence.index_select(1, var)[:, :, :k]
+                        value = value + torch.gather(ev, 2, idx.unsqueeze(-1))
+                    marginal = None
+                    if missing is not None:
+                        shared_table = self._tables(i, bucket, tables, broadcast=True)
+                        marginal = semiring.sum_dense(ev, shared_table) if ev is not None else semiring.no_evidence(shared_table).unsqueeze(0)
             if missing is not None:
                 value = torch.where(missing.index_select(1, var).unsqueeze(-1), marginal, value)
             outs.append(value.flatten(1))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def _topk_values(self, i: int, bucket: dict, tables: dict[str, torch.Tensor], value: torch.Tensor,
+                     idx: torch.Tensor, var: torch.Tensor, missing: torch.Tensor | None, evidence: TopKEvidence,
+                     semiring: Semiring) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Observed values (B, G, n) times their top-k weight, and the summed-out values
+        (B, G|1, n) under top-k evidence (None when nothing is missing)."""
+        values = evidence.values.index_select(1, var)
+        indices = evidence.indices.index_select(1, var)
+        free = evidence.free.index_select(1, var) if evidence.free is not None else None
+        match = indices == idx.unsqueeze(-1)  # (B, G, k): at most one candidate equals the value
+        weight = torch.where(match, values, torch.zeros_like(values)).sum(-1)
+        weight = torch.where(match.any(-1), weight, torch.full_like(weight, -torch.inf))
+        if free is not None:
+            weight = torch.where(free, torch.zeros_like(weight), weight)
+        value = value + weight.unsqueeze(-1)
+        if missing is None:
+            return value, None
+        shared_table = self._tables(i, bucket, tables, broadcast=True)
+        marginal = semiring.topk_evidence(values, indices, shared_table)
+        if free is not None:
+            marginal = torch.where(free.unsqueeze(-1), semiring.no_evidence(shared_table).unsqueeze(0), marginal)
+        return value, marginal
 
     def emit(self, active: torch.Tensor, tables: dict[str, torch.Tensor], x: torch.Tensor,
              missing: torch.Tensor | None, evidence: torch.Tensor | None, chooser: Chooser,
@@ -233,12 +259,36 @@ class InputLayer(nn.Module):
                 k = bucket["num_cats"]
                 logp = tables[bucket["key"]][bank, j]  # (A, K)
                 node_logp[b, var, :k] = logp
-                logits = logp + evidence[b, var, :k] if evidence is not None else logp
-                if bool(draw.any()):
-                    chosen = chooser(logits[draw], None if u is None else u[draw])
-                    x_out[b[draw], var[draw]] = chosen.to(x_out.dtype)
+                if isinstance(evidence, TopKEvidence):
+                    _emit_topk(x_out, b, var, draw, logp, evidence, chooser, u)
+                else:
+                    logits = logp + evidence[b, var, :k] if evidence is not None else logp
+                    if bool(draw.any()):
+                        chosen = chooser(logits[draw], None if u is None else u[draw])
+                        x_out[b[draw], var[draw]] = chosen.to(x_out.dtype)
             start += size
         return x_out, node, node_logp
+
+
+def _emit_topk(x_out: torch.Tensor, b: torch.Tensor, var: torch.Tensor, draw: torch.Tensor, logp: torch.Tensor,
+               evidence: TopKEvidence, chooser: Chooser, u: torch.Tensor | None) -> None:
+    """Draw the missing values of active categorical inputs under top-k evidence into ``x_out``:
+    among the k candidates (sorted by category, so inverse-CDF draws match the dense
+    evidence's), or among all categories where the variable is ``free``.
+
+    ``b``, ``var``, ``draw`` (A,) and ``logp`` (A, K) describe the active inputs; ``u`` (A,) uniforms or None."""
+    free = evidence.free[b, var] if evidence.free is not None else torch.zeros_like(draw)
+    for rows, sparse in ((draw & ~free, True), (draw & free, False)):
+        if not bool(rows.any()):
+            continue
+        u_rows = None if u is None else u[rows]
+        if sparse:
+            candidates = evidence.indices[b[rows], var[rows]]  # (R, k)
+            logits = logp[rows].gather(1, candidates) + evidence.values[b[rows], var[rows]]
+            chosen = candidates.gather(1, chooser(logits, u_rows).unsqueeze(1)).squeeze(1)
+        else:
+            chosen = chooser(logp[rows], u_rows)
+        x_out[b[rows], var[rows]] = chosen.to(x_out.dtype)
 
 
 def _outer_structure(child_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -12,6 +12,7 @@ import math
 import torch
 
 from pclayer.ops import dispatch
+from pclayer.ops.sparse_evidence import candidate_log_weights
 
 
 class Semiring:
@@ -25,6 +26,11 @@ class Semiring:
 
     def sum_padded(self, a: torch.Tensor) -> torch.Tensor:
         """a (B, N, F) = child value + log-weight (``-inf`` pads) -> (B, N)."""
+        raise NotImplementedError
+
+    def topk_evidence(self, values: torch.Tensor, indices: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+        """Discrete input summed out under top-k evidence: values, indices (B, G, k),
+        logp (G|1, n, K) -> (B, G, n) combining ``values + logp[indices]`` over the k candidates."""
         raise NotImplementedError
 
     def no_evidence(self, logp: torch.Tensor) -> torch.Tensor:
@@ -45,6 +51,9 @@ class LogSumSemiring(Semiring):
     def sum_padded(self, a):
         return dispatch.logsumexp(a)
 
+    def topk_evidence(self, values, indices, logp):
+        return dispatch.categorical_topk_evidence(values, indices, logp)
+
     def no_evidence(self, logp):
         return dispatch.logsumexp(logp)
 
@@ -60,6 +69,9 @@ class MaxProductSemiring(Semiring):
 
     def sum_padded(self, a):
         return a.amax(-1)
+
+    def topk_evidence(self, values, indices, logp):
+        return candidate_log_weights(values, indices, logp).amax(-1)
 
     def no_evidence(self, logp):
         return logp.amax(-1)

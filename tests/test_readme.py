@@ -27,6 +27,7 @@ def test_readme_opens_with_the_two_commands():
     lines = README.read_text().splitlines()
     head = "\n".join(lines[:30])
     assert "python -m diffusion.demo" in head
-    assert "pytest" in head
+    assert "bash .ci/run" in head
     ci = (README.parent / ".ci" / "run").read_text()
+    assert "python -m venv .venv" in ci.replace("python3", "python")
     assert "python -m pytest -q -m \"not slow\"" in ci

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from pclayer.errors import ZeroProbabilityError
+from pclayer.topk import TopKEvidence
 
 
 @dataclass
@@ -17,12 +18,13 @@ class Evidence:
         x: (B, V) values; long for all-discrete circuits, the circuit dtype otherwise.
             Missing entries hold 0.
         missing: (B, V) bool or None (nothing missing).
-        soft_evidence: (B, V, K) log-weights in the circuit dtype, or None.
+        soft_evidence: (B, V, K) log-weights in the circuit dtype, a :class:`TopKEvidence`
+            (values in the circuit dtype, candidates sorted by category), or None.
     """
 
     x: torch.Tensor
     missing: torch.Tensor | None
-    soft_evidence: torch.Tensor | None
+    soft_evidence: torch.Tensor | TopKEvidence | None
 
 
 def _first_index(mask: torch.Tensor) -> tuple[int, ...]:
@@ -39,7 +41,52 @@ def _check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None
         raise ValueError(f"{name}: expected a tensor on the circuit's device {device}, got {tensor.device}")
 
 
-def prepare(circuit, x: torch.Tensor, missing: torch.Tensor | None, soft_evidence: torch.Tensor | None) -> Evidence:
+def prepare_topk(circuit, evidence: TopKEvidence, batch: int) -> TopKEvidence:
+    """Check a :class:`TopKEvidence` against the circuit (shapes, dtypes, devices, NaN/+inf,
+    index range per variable, no repeated candidate) and return it in the circuit dtype with
+    each variable's candidates sorted by category (so draws match the dense evidence's)."""
+    num_vars, device = circuit.num_vars, circuit.device
+    values, indices, free = evidence.values, evidence.indices, evidence.free
+    if circuit.has_gaussian:
+        raise ValueError("soft_evidence: TopKEvidence needs an all-discrete circuit; this one has Gaussian variables")
+    if not isinstance(values, torch.Tensor) or not values.is_floating_point():
+        raise TypeError(f"soft_evidence.values: expected a float tensor of shape (B, {num_vars}, k), got {_describe(values)}")
+    if values.ndim != 3 or values.shape[:2] != (batch, num_vars) or values.shape[2] < 1:
+        raise ValueError(f"soft_evidence.values: expected shape (B, num_vars, k) = ({batch}, {num_vars}, k >= 1), got {tuple(values.shape)}")
+    if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64:
+        raise TypeError(f"soft_evidence.indices: expected an int64 tensor of shape {tuple(values.shape)}, got {_describe(indices)}")
+    if indices.shape != values.shape:
+        raise ValueError(f"soft_evidence.indices: expected shape {tuple(values.shape)} (same as values), got {tuple(indices.shape)}")
+    _check_device("soft_evidence.values", values, device)
+    _check_device("soft_evidence.indices", indices, device)
+    if free is not None:
+        if not isinstance(free, torch.Tensor) or free.dtype != torch.bool:
+            raise TypeError(f"soft_evidence.free: expected a bool tensor of shape ({batch}, {num_vars}), got {_describe(free)}")
+        if tuple(free.shape) != (batch, num_vars):
+            raise ValueError(f"soft_evidence.free: expected shape ({batch}, {num_vars}), got {tuple(free.shape)}")
+        _check_device("soft_evidence.free", free, device)
+    if torch.isnan(values).any():
+        raise ValueError(f"soft_evidence.values: NaN at {_first_index(torch.isnan(values))}")
+    if (values == torch.inf).any():
+        raise ValueError(f"soft_evidence.values: +inf at {_first_index(values == torch.inf)}; expected finite log-weights or -inf")
+    limit = circuit.var_cats.view(1, -1, 1)
+    bad = (indices < 0) | (indices >= limit)
+    if bad.any():
+        b, i, j = _first_index(bad)
+        raise ValueError(f"soft_evidence.indices: category {int(indices[b, i, j])} at {(b, i, j)} is out of range "
+                         f"[0, {int(circuit.var_cats[i])}) of variable {i}")
+    order = indices.argsort(dim=-1)
+    indices = indices.gather(-1, order)
+    repeated = indices[..., 1:] == indices[..., :-1]
+    if repeated.any():
+        b, i, j = _first_index(repeated)
+        raise ValueError(f"soft_evidence.indices: category {int(indices[b, i, j])} is listed twice for row {b}, variable {i}; "
+                         "expected distinct candidates")
+    return TopKEvidence(values.gather(-1, order).to(circuit.dtype), indices, free)
+
+
+def prepare(circuit, x: torch.Tensor, missing: torch.Tensor | None,
+            soft_evidence: torch.Tensor | TopKEvidence | None) -> Evidence:
     """Check shapes, dtypes, ranges, NaN and devices of query arguments.
 
     Raises ``TypeError``/``ValueError`` naming the argument and what was expected.
@@ -82,10 +129,12 @@ def prepare(circuit, x: torch.Tensor, missing: torch.Tensor | None, soft_evidenc
     else:
         clean = torch.where(observed, x, torch.zeros_like(x)).long()
     evidence = None
-    if soft_evidence is not None:
+    if isinstance(soft_evidence, TopKEvidence):
+        evidence = prepare_topk(circuit, soft_evidence, x.shape[0])
+    elif soft_evidence is not None:
         expected = (x.shape[0], num_vars, circuit.num_cats)
         if not isinstance(soft_evidence, torch.Tensor) or not soft_evidence.is_floating_point():
-            raise TypeError(f"soft_evidence: expected a float tensor of shape {expected}, got {_describe(soft_evidence)}")
+            raise TypeError(f"soft_evidence: expected a float tensor of shape {expected}, got {_describe(soft_evidence)} (or pass a pclayer.TopKEvidence)")
         if tuple(soft_evidence.shape) != expected:
             raise ValueError(f"soft_evidence: expected shape (B, num_vars, num_cats) = {expected}, got {tuple(soft_evidence.shape)}")
         _check_device("soft_evidence", soft_evidence, device)

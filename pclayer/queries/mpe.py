@@ -8,11 +8,12 @@ from pclayer.layers import argmax_chooser
 from pclayer.queries.evidence import prepare, require_positive
 from pclayer.semiring import MAX_PRODUCT
 from pclayer.topdown import top_down
+from pclayer.topk import TopKEvidence
 
 
 @torch.no_grad()
 def mpe(circuit, x: torch.Tensor, missing: torch.Tensor | None = None,
-        soft_evidence: torch.Tensor | None = None) -> torch.Tensor:
+        soft_evidence: torch.Tensor | TopKEvidence | None = None) -> torch.Tensor:
     """Max-product decoding: the missing values of the best joint assignment of
     (missing variables, latent choices of the sum nodes) under the weighted distribution.
 

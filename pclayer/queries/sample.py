@@ -9,6 +9,7 @@ import torch
 from pclayer.layers import sample_chooser
 from pclayer.queries.evidence import prepare, require_positive
 from pclayer.topdown import top_down
+from pclayer.topk import TopKEvidence
 
 
 class SampleResult(NamedTuple):
@@ -34,7 +35,8 @@ def _batch(circuit, num_samples: int | None, x: torch.Tensor | None, missing: to
     if x is None:
         if missing is not None:
             raise ValueError("missing: only meaningful together with x")
-        batch = num_samples if num_samples is not None else (soft_evidence.shape[0] if isinstance(soft_evidence, torch.Tensor) else None)
+        batch = num_samples if num_samples is not None else (
+            soft_evidence.shape[0] if isinstance(soft_evidence, (torch.Tensor, TopKEvidence)) else None)
         if batch is None:
             raise ValueError("num_samples: expected a positive int when x and soft_evidence are not given")
         dtype = circuit.dtype if circuit.has_gaussian else torch.long
@@ -46,7 +48,10 @@ def _batch(circuit, num_samples: int | None, x: torch.Tensor | None, missing: to
             raise ValueError(f"num_samples: x has {x.shape[0]} rows; expected num_samples equal to that or x with one row")
         x = x.expand(num_samples, -1)
         missing = missing.expand(num_samples, -1) if isinstance(missing, torch.Tensor) else missing
-        soft_evidence = soft_evidence.expand(num_samples, -1, -1) if isinstance(soft_evidence, torch.Tensor) else soft_evidence
+        if isinstance(soft_evidence, TopKEvidence):
+            soft_evidence = soft_evidence.expand(num_samples)
+        elif isinstance(soft_evidence, torch.Tensor):
+            soft_evidence = soft_evidence.expand(num_samples, -1, -1)
     return x, missing, soft_evidence
 
 
@@ -62,7 +67,8 @@ def sample(circuit, num_samples: int | None = None, *, x: torch.Tensor | None = 
             repeat a single-row ``x``.
         x: (B, num_vars) values; entries with ``missing`` True are drawn, others kept.
         missing: (B, num_vars) bool; default nothing missing (then ``x`` comes back as is).
-        soft_evidence: (B, num_vars, num_cats) log-weights multiplied into the distribution.
+        soft_evidence: (B, num_vars, num_cats) log-weights multiplied into the distribution,
+            or a :class:`~pclayer.TopKEvidence`.
         generator: torch generator for reproducible draws.
         return_nodes: also return the chosen input node per variable and its
             log-probability vector (a :class:`SampleResult`).
