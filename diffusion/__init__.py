@@ -6,6 +6,7 @@ positions in product with a masked diffusion LM's per-position distributions;
 """
 
 from diffusion import adapters
+from diffusion.evidence import SparseLogits
 from diffusion.generate import generate
 from diffusion.layer import MODES, CoDDLayer
 from diffusion.loss import codd_loss, mask_ratio
@@ -13,5 +14,5 @@ from diffusion.pretrained import from_pretrained, save_pretrained
 from diffusion.sampling import REMASKING
 from diffusion.train import train_codd
 
-__all__ = ["MODES", "REMASKING", "CoDDLayer", "adapters", "codd_loss", "from_pretrained", "generate", "mask_ratio",
-           "save_pretrained", "train_codd"]
+__all__ = ["MODES", "REMASKING", "CoDDLayer", "SparseLogits", "adapters", "codd_loss", "from_pretrained", "generate",
+           "mask_ratio", "save_pretrained", "train_codd"]

@@ -9,8 +9,11 @@ log-probabilities ``log_softmax(logits / tau)`` as soft evidence; positions ``w.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+
+import pclayer
 
 
 @dataclass
@@ -22,15 +25,47 @@ class WindowEvidence:
         masked: (B, W) bool: masked real positions (False on padding).
         missing: (B, W) bool: ``masked`` or padding (summed out by the circuit).
         soft: (B, W, V) circuit-dtype log-weights: tempered backbone log-probabilities at
-            masked positions (``-inf`` outside the top-k when ``top_k`` is set), 0 elsewhere.
+            masked positions, 0 elsewhere; or, with top-k evidence, a
+            :class:`pclayer.TopKEvidence` holding the tempered log-probabilities renormalised
+            over each masked position's k candidates, ``free`` everywhere else.
         width: number of real positions ``w``.
     """
 
     x: torch.Tensor
     masked: torch.Tensor
     missing: torch.Tensor
-    soft: torch.Tensor
+    soft: torch.Tensor | pclayer.TopKEvidence
     width: int
+
+    def rows(self, index: torch.Tensor) -> WindowEvidence:
+        """The evidence of the rows ``index`` (1-d long)."""
+        soft = self.soft
+        if isinstance(soft, pclayer.TopKEvidence):
+            soft = pclayer.TopKEvidence(soft.values[index], soft.indices[index], soft.free[index])
+        else:
+            soft = soft[index]
+        return WindowEvidence(self.x[index], self.masked[index], self.missing[index], soft, self.width)
+
+
+class SparseLogits(NamedTuple):
+    """Backbone logits kept on k candidate tokens per position (the rest ``-inf``), e.g.
+    cached top-k logits; accepted wherever the CoDD layer takes dense (B, w, V) logits.
+
+    Attributes:
+        values: (B, w, k) float logits; indices: (B, w, k) int64 distinct token ids in [0, V).
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(B, w, k)."""
+        return tuple(self.values.shape)
+
+    def window(self, start: int, stop: int) -> SparseLogits:
+        """Positions ``start:stop``."""
+        return SparseLogits(self.values[:, start:stop], self.indices[:, start:stop])
 
 
 def check_circuit(circuit) -> int:
@@ -82,8 +117,10 @@ def check_tokens(name: str, tokens: object, shape: tuple[int, ...], vocab: int, 
     return tokens.long()
 
 
-def check_logits(logits: object, num_vars: int, vocab: int) -> torch.Tensor:
-    """Validate backbone logits (B, w, V) with ``1 <= w <= num_vars``."""
+def check_logits(logits: object, num_vars: int, vocab: int) -> torch.Tensor | SparseLogits:
+    """Validate backbone logits (B, w, V) (or :class:`SparseLogits`) with ``1 <= w <= num_vars``."""
+    if isinstance(logits, SparseLogits):
+        return check_sparse_logits(logits, num_vars, vocab)
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise TypeError(f"logits: expected a float tensor of shape (B, w, {vocab}), got {getattr(logits, 'dtype', type(logits).__name__)}")
     if logits.ndim != 3 or logits.shape[2] != vocab or not 1 <= logits.shape[1] <= num_vars or logits.shape[0] < 1:
@@ -98,45 +135,104 @@ def check_logits(logits: object, num_vars: int, vocab: int) -> torch.Tensor:
     return logits
 
 
-def tempered_log_probs(logits: torch.Tensor, temperature: float, top_k: int | None, dtype: torch.dtype) -> torch.Tensor:
-    """``log_softmax(logits / tau)`` in ``dtype``; with ``top_k``, renormalised over each
-    position's ``top_k`` largest logits and ``-inf`` elsewhere (ties broken by ``topk``)."""
-    scaled = logits.to(dtype) / temperature
-    if top_k is not None and top_k < scaled.shape[-1]:
-        values, index = scaled.topk(top_k, dim=-1)
-        scaled = torch.full_like(scaled, -torch.inf).scatter(-1, index, values)
-    out = torch.log_softmax(scaled, dim=-1)
+def check_sparse_logits(logits: SparseLogits, num_vars: int, vocab: int) -> SparseLogits:
+    """Validate :class:`SparseLogits`: (B, w, k) float values and int64 distinct indices in [0, V)."""
+    values, indices = logits
+    if not isinstance(values, torch.Tensor) or not values.is_floating_point():
+        raise TypeError(f"logits.values: expected a float tensor of shape (B, w, k), got {getattr(values, 'dtype', type(values).__name__)}")
+    if values.ndim != 3 or not 1 <= values.shape[1] <= num_vars or values.shape[0] < 1 or not 1 <= values.shape[2] <= vocab:
+        raise ValueError(f"logits.values: expected shape (B, w, k) with 1 <= w <= {num_vars} and 1 <= k <= {vocab}, got {tuple(values.shape)}")
+    if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64 or indices.shape != values.shape:
+        raise ValueError(f"logits.indices: expected an int64 tensor of shape {tuple(values.shape)}, "
+                         f"got {getattr(indices, 'dtype', type(indices).__name__)} {tuple(getattr(indices, 'shape', ()))}")
+    if bool(((indices < 0) | (indices >= vocab)).any()):
+        raise ValueError(f"logits.indices: expected token ids in [0, {vocab})")
+    ordered = indices.sort(dim=-1).values
+    if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+        raise ValueError("logits.indices: a position lists the same token twice; expected distinct candidates")
+    if torch.isnan(values).any():
+        raise ValueError(f"logits.values: NaN at {tuple(int(i) for i in torch.isnan(values).nonzero()[0])}")
+    if (values == torch.inf).any():
+        raise ValueError("logits.values: +inf entries; expected finite logits (or -inf for excluded tokens)")
+    return logits
+
+
+def tempered_top_k(logits: torch.Tensor | SparseLogits, temperature: float, top_k: int | None,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log-probabilities (B, w, k), token ids (B, w, k))``: ``log_softmax(logits / tau)``
+    renormalised over each position's ``k`` kept tokens (the ``top_k`` largest of dense
+    logits, ties broken by ``topk``; the given candidates of sparse logits, cut to the
+    ``top_k`` largest if ``top_k`` is smaller)."""
+    if isinstance(logits, SparseLogits):
+        values, indices = logits.values.to(dtype) / temperature, logits.indices
+        if top_k is not None and top_k < values.shape[-1]:
+            values, order = values.topk(top_k, dim=-1)
+            indices = indices.gather(-1, order)
+    else:
+        values, indices = (logits.to(dtype) / temperature).topk(top_k, dim=-1)
+    out = torch.log_softmax(values, dim=-1)
+    if torch.isnan(out).any():
+        raise ValueError("logits: a position has every kept logit equal to -inf")
+    return out, indices
+
+
+def tempered_log_probs(logits: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """``log_softmax(logits / tau)`` in ``dtype`` over the full vocabulary."""
+    out = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
     if torch.isnan(out).any():
         raise ValueError("logits: a position has every logit equal to -inf")
     return out
 
 
-def window_evidence(circuit, logits: torch.Tensor, x_t: torch.Tensor, mask_id: int, temperature: float,
-                    top_k: int | None) -> WindowEvidence:
+def window_evidence(circuit, logits: torch.Tensor | SparseLogits, x_t: torch.Tensor, mask_id: int,
+                    temperature: float, top_k: int | None) -> WindowEvidence:
     """Build the circuit evidence of a window.
 
     Args:
         circuit: a :class:`pclayer.TensorCircuit` over ``W`` positions with ``V`` categories.
-        logits: (B, w, V) backbone logits, ``w <= W``.
+        logits: (B, w, V) backbone logits, ``w <= W``, or :class:`SparseLogits` (B, w, k).
         x_t: (B, w) tokens; ``mask_id`` marks masked positions.
         mask_id: the mask token id (may be ``>= V``, as in MDLM).
         temperature: tau applied to the backbone logits.
         top_k: keep only the top-k candidates per position (None = full vocabulary).
+
+    With ``top_k`` smaller than ``V`` or sparse logits the evidence is a
+    :class:`pclayer.TopKEvidence` (no dense (B, W, V) evidence is built).
     """
     vocab = check_circuit(circuit)
     num_vars = circuit.num_vars
-    check_logits(logits, num_vars, vocab)
+    logits = check_logits(logits, num_vars, vocab)
     batch, width, _ = logits.shape
     x_t = check_tokens("x_t", x_t, (batch, width), vocab, mask_id)
-    if x_t.device != circuit.device or logits.device != circuit.device:
-        raise ValueError(f"logits, x_t: expected tensors on the circuit's device {circuit.device}, got {logits.device} and {x_t.device}")
+    devices = {logits.values.device if isinstance(logits, SparseLogits) else logits.device, x_t.device}
+    if devices != {circuit.device}:
+        raise ValueError(f"logits, x_t: expected tensors on the circuit's device {circuit.device}, got {sorted(map(str, devices))}")
     masked_real = x_t == mask_id
     pad = num_vars - width
     masked = torch.nn.functional.pad(masked_real, (0, pad), value=False)
     missing = torch.nn.functional.pad(masked_real, (0, pad), value=True)
     x = torch.nn.functional.pad(torch.where(masked_real, torch.zeros_like(x_t), x_t), (0, pad), value=0)
+    if isinstance(logits, SparseLogits) or (top_k is not None and top_k < vocab):
+        return WindowEvidence(x, masked, missing, _topk_soft(circuit, logits, masked, temperature, top_k), width)
     soft = torch.zeros(batch, num_vars, vocab, dtype=circuit.dtype, device=circuit.device)
     if bool(masked_real.any()):
-        logp = tempered_log_probs(logits, temperature, top_k, circuit.dtype)
+        logp = tempered_log_probs(logits, temperature, circuit.dtype)
         soft[:, :width] = torch.where(masked_real.unsqueeze(-1), logp, torch.zeros_like(logp))
     return WindowEvidence(x=x, masked=masked, missing=missing, soft=soft, width=width)
+
+
+def _topk_soft(circuit, logits: torch.Tensor | SparseLogits, masked: torch.Tensor, temperature: float,
+               top_k: int | None) -> pclayer.TopKEvidence:
+    """Top-k evidence of the masked positions ``masked`` (B, W); every other position is free
+    (its candidates are placeholders: the tokens ``0..k-1`` with weight 0 on padding)."""
+    batch, width, _ = logits.shape
+    values, indices = tempered_top_k(logits, temperature, top_k, circuit.dtype)
+    k = values.shape[-1]
+    pad = circuit.num_vars - width
+    if pad:
+        filler = torch.arange(k, device=indices.device).expand(batch, pad, k)
+        indices = torch.cat([indices, filler], dim=1)
+        values = torch.cat([values, values.new_zeros(batch, pad, k)], dim=1)
+    # Unmasked positions may carry -inf values (NaN-free since log_softmax saw a finite entry
+    # or raised); they are free, so their values are ignored.
+    return pclayer.TopKEvidence(values, indices, ~masked)

@@ -16,7 +16,8 @@ from torch import nn
 
 import pclayer
 from diffusion.evidence import (
-    WindowEvidence, check_circuit, check_mask_id, check_temperature, check_tokens, check_top_k, window_evidence,
+    SparseLogits, WindowEvidence, check_circuit, check_mask_id, check_temperature, check_tokens, check_top_k,
+    window_evidence,
 )
 
 MODES = ("latent", "marginal", "sample", "any_order")
@@ -52,7 +53,10 @@ class CoDDLayer(nn.Module):
             position.
         top_k: keep only each masked position's ``top_k`` largest backbone logits as evidence
             (the backbone distribution is truncated and renormalised; tokens outside the top-k
-            get ``-inf`` logits). ``None`` = full vocabulary (exact).
+            get ``-inf`` logits), passed to the circuit as :class:`pclayer.TopKEvidence`
+            (no dense (B, W, V) evidence; except that the ``"marginal"`` and ``"any_order"``
+            posteriors of a window shorter than the circuit, whose summed-out padding needs a
+            full row, take :func:`pclayer.posterior`'s dense route). ``None`` = full vocabulary (exact).
 
     Returned logits may contain ``-inf`` (tokens of probability zero); unmasked positions and
     ungated rows are returned unchanged.
@@ -84,7 +88,7 @@ class CoDDLayer(nn.Module):
         return (f"window={self.window}, vocab_size={self.vocab_size}, mask_id={self.mask_id}, "
                 f"temperature={self.temperature}, gate={self.gate}, mode={self.mode!r}, top_k={self.top_k}")
 
-    def evidence(self, logits: torch.Tensor, x_t: torch.Tensor) -> WindowEvidence:
+    def evidence(self, logits: torch.Tensor | SparseLogits, x_t: torch.Tensor) -> WindowEvidence:
         """The window's circuit evidence (see :func:`diffusion.evidence.window_evidence`)."""
         return window_evidence(self.circuit, logits, x_t, self.mask_id, self.temperature, self.top_k)
 
@@ -95,13 +99,14 @@ class CoDDLayer(nn.Module):
         ratio = masked.to(torch.float64).mean(dim=1)
         return masked.any(dim=1) & (ratio < (self.gate if gate is None else gate))
 
-    def forward(self, logits: torch.Tensor, x_t: torch.Tensor, generator: torch.Generator | None = None,
+    def forward(self, logits: torch.Tensor | SparseLogits, x_t: torch.Tensor, generator: torch.Generator | None = None,
                 gate: float | None = None) -> torch.Tensor:
         """Apply the layer to a window.
 
         Args:
             logits: (B, w, V) backbone logits of the window's positions, ``w <= W``; a window
-                shorter than the circuit (end of a sequence) sums out positions ``w..W-1``.
+                shorter than the circuit (end of a sequence) sums out positions ``w..W-1``;
+                or :class:`~diffusion.evidence.SparseLogits` (k candidates per position).
             x_t: (B, w) current tokens, ``mask_id`` where masked.
             generator: torch generator for the random modes (``"latent"``, ``"sample"``).
             gate: overrides ``self.gate`` for this call.
@@ -111,10 +116,10 @@ class CoDDLayer(nn.Module):
         """
         ev = self.evidence(logits, x_t)
         rows = self.gated_rows(x_t, gate).nonzero().flatten()
-        out = logits.clone()
+        out = _dense_logits(logits, self.vocab_size)
         if rows.numel() == 0:
             return out
-        sub = WindowEvidence(ev.x[rows], ev.masked[rows], ev.missing[rows], ev.soft[rows], ev.width)
+        sub = ev.rows(rows)
         with torch.no_grad():
             new = self._window_logits(sub, generator)[:, : ev.width]
         masked = sub.masked[:, : ev.width].unsqueeze(-1)
@@ -122,23 +127,28 @@ class CoDDLayer(nn.Module):
         return out
 
     def _window_logits(self, ev: WindowEvidence, generator: torch.Generator | None) -> torch.Tensor:
-        """(B, W, V) new logits for every position of the (gated) rows of ``ev``."""
+        """(B, W, V) new logits for every position of the (gated) rows of ``ev`` (only the
+        masked positions are meaningful)."""
         circuit = self.circuit
         if self.mode == "latent":
             result = circuit.sample(x=ev.x, missing=ev.missing, soft_evidence=ev.soft, generator=generator, return_nodes=True)
+            if isinstance(ev.soft, pclayer.TopKEvidence):
+                indices = ev.soft.indices
+                picked = ev.soft.values + result.node_log_probs.gather(-1, indices)
+                return torch.full_like(result.node_log_probs, -torch.inf).scatter(-1, indices, picked)
             return ev.soft + result.node_log_probs
         if self.mode == "marginal":
             return torch.log(circuit.posterior(ev.x, missing=ev.missing, soft_evidence=ev.soft))
         if self.mode == "sample":
             drawn = circuit.sample(x=ev.x, missing=ev.missing, soft_evidence=ev.soft, generator=generator)
-            one_hot = torch.full_like(ev.soft, -torch.inf)
+            one_hot = torch.full((*drawn.shape, self.vocab_size), -torch.inf, dtype=circuit.dtype, device=drawn.device)
             return one_hot.scatter(-1, drawn.unsqueeze(-1), 0.0)
         return self._any_order(ev)
 
     def _any_order(self, ev: WindowEvidence) -> torch.Tensor:
         circuit = self.circuit
         x, missing, free = ev.x.clone(), ev.missing.clone(), ev.masked.clone()
-        out = torch.zeros_like(ev.soft)
+        out = torch.zeros(*x.shape, self.vocab_size, dtype=circuit.dtype, device=x.device)
         rows = torch.arange(x.shape[0], device=x.device)
         while bool(free.any()):
             log_post = torch.log(circuit.posterior(x, missing=missing, soft_evidence=ev.soft))
@@ -153,7 +163,7 @@ class CoDDLayer(nn.Module):
             free[r, p] = False
         return out
 
-    def log_prob(self, x_0: torch.Tensor, logits: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    def log_prob(self, x_0: torch.Tensor, logits: torch.Tensor | SparseLogits, x_t: torch.Tensor) -> torch.Tensor:
         """Exact ``log p_hat(x_0^M | x_t)`` of the clean tokens at the masked positions.
 
         ``log p_hat = log F(x_0 at all positions) - log F(x_t's unmasked tokens, masked
@@ -163,7 +173,8 @@ class CoDDLayer(nn.Module):
 
         Args:
             x_0: (B, w) clean tokens in ``[0, V)``; must equal ``x_t`` at unmasked positions.
-            logits: (B, w, V) backbone logits.
+            logits: (B, w, V) backbone logits, or :class:`~diffusion.evidence.SparseLogits`
+                (k candidates per position, e.g. cached top-k logits).
             x_t: (B, w) noisy tokens.
 
         Returns:
@@ -185,3 +196,11 @@ class CoDDLayer(nn.Module):
             rows = torch.isinf(denominator).nonzero().flatten().tolist()
             raise pclayer.ZeroProbabilityError(f"x_t: the unmasked tokens of rows {rows[:10]} have probability zero under the circuit")
         return numerator - denominator
+
+
+def _dense_logits(logits: torch.Tensor | SparseLogits, vocab: int) -> torch.Tensor:
+    """A (B, w, V) copy of the logits (``-inf`` outside the candidates of sparse logits)."""
+    if isinstance(logits, SparseLogits):
+        values, indices = logits
+        return torch.full((*values.shape[:2], vocab), -torch.inf, dtype=values.dtype, device=values.device).scatter(-1, indices, values)
+    return logits.clone()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from diffusion.evidence import SparseLogits
 from diffusion.layer import CoDDLayer
 
 
@@ -12,7 +13,7 @@ def mask_ratio(x_t: torch.Tensor, mask_id: int) -> torch.Tensor:
     return (x_t == mask_id).to(torch.float64).mean(dim=1)
 
 
-def codd_loss(layer: CoDDLayer, x_0: torch.Tensor, logits: torch.Tensor, x_t: torch.Tensor,
+def codd_loss(layer: CoDDLayer, x_0: torch.Tensor, logits: torch.Tensor | SparseLogits, x_t: torch.Tensor,
               weight: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted exact negative log-likelihood of the product of experts, per masked token.
 
@@ -27,7 +28,8 @@ def codd_loss(layer: CoDDLayer, x_0: torch.Tensor, logits: torch.Tensor, x_t: to
     Args:
         layer: the :class:`CoDDLayer` (its temperature applies; train with 1.0).
         x_0: (B, w) clean tokens.
-        logits: (B, w, V) backbone logits computed from ``x_t`` (frozen backbone).
+        logits: (B, w, V) backbone logits computed from ``x_t`` (frozen backbone), or
+            :class:`~diffusion.SparseLogits` (B, w, k) candidates (e.g. cached top-k logits).
         x_t: (B, w) noisy tokens, ``layer.mask_id`` at masked positions.
         weight: optional (B,) non-negative finite per-row weights.
 

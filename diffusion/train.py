@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from diffusion.evidence import SparseLogits
 from diffusion.layer import CoDDLayer
 from diffusion.loss import codd_loss
 
@@ -26,32 +27,29 @@ def noise(x_0: torch.Tensor, maskable: torch.Tensor, mask_id: int, eps: float,
     return torch.where(hit.to(x_0.device) & maskable, torch.full_like(x_0, mask_id), x_0), p
 
 
-def windowed_loss(layer: CoDDLayer, x_0: torch.Tensor, logits: torch.Tensor, x_t: torch.Tensor,
+def windowed_loss(layer: CoDDLayer, x_0: torch.Tensor, logits: torch.Tensor | SparseLogits, x_t: torch.Tensor,
                   weight: torch.Tensor) -> torch.Tensor:
     """:func:`codd_loss` over consecutive windows ``[0, W), [W, 2W), ...`` of (B, L)
-    sequences (the last one may be shorter), normalised by the ``B * L`` positions."""
+    sequences (the last one may be shorter), normalised by the ``B * L`` positions.
+    ``logits`` are (B, L, V) or :class:`SparseLogits` (B, L, k)."""
     length, window = x_0.shape[1], layer.window
-    total = logits.new_zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=x_0.device)
     for start in range(0, length, window):
         stop = min(start + window, length)
-        part = codd_loss(layer, x_0[:, start:stop], logits[:, start:stop], x_t[:, start:stop], weight)
+        piece = logits.window(start, stop) if isinstance(logits, SparseLogits) else logits[:, start:stop]
+        part = codd_loss(layer, x_0[:, start:stop], piece, x_t[:, start:stop], weight)
         total = total + part.to(torch.float64) * (x_0.shape[0] * (stop - start))
     return total / (x_0.shape[0] * length)
 
 
-def _truncate(logits: torch.Tensor, x_0: torch.Tensor, top_k: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Keep each position's ``top_k`` logits, always including the clean token ``x_0``."""
+def _truncate(logits: torch.Tensor, x_0: torch.Tensor, top_k: int | None) -> torch.Tensor | SparseLogits:
+    """Keep each position's ``top_k`` logits, always including the clean token ``x_0``, as
+    :class:`SparseLogits` (float32); the full logits when ``top_k`` is None or covers ``V``."""
     if top_k is None or top_k >= logits.shape[-1]:
-        return logits.float(), None
+        return logits.float()
     forced = logits.scatter(-1, x_0.unsqueeze(-1), torch.inf)
     indices = forced.topk(top_k, dim=-1).indices
-    return logits.gather(-1, indices).float(), indices
-
-
-def _dense(values: torch.Tensor, indices: torch.Tensor | None, vocab: int) -> torch.Tensor:
-    if indices is None:
-        return values
-    return torch.full((*values.shape[:-1], vocab), -torch.inf, dtype=values.dtype, device=values.device).scatter(-1, indices, values)
+    return SparseLogits(logits.gather(-1, indices).float(), indices)
 
 
 def train_codd(layer: CoDDLayer, backbone: Callable[[torch.Tensor], torch.Tensor], data: torch.Tensor, *,
@@ -147,11 +145,11 @@ def train_codd(layer: CoDDLayer, backbone: Callable[[torch.Tensor], torch.Tensor
             x_0 = data[rows]
             if cache is None:
                 x_t, p = noise(x_0, ~prompt_mask[rows], layer.mask_id, eps, generator)
-                logits = _dense(*_truncate(backbone_logits(x_t), x_0, top_k), vocab)
+                logits = _truncate(backbone_logits(x_t), x_0, top_k)
             else:
                 x_t, p = cache[0][rows], cache[1][rows]
-                logits = _dense(*cache[2][batch_index], vocab)
-            loss = windowed_loss(layer, x_0, logits, x_t, (1.0 / p).to(logits.dtype))
+                logits = cache[2][batch_index]
+            loss = windowed_loss(layer, x_0, logits, x_t, (1.0 / p).to(torch.float32))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

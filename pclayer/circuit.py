@@ -8,6 +8,7 @@ from torch import nn
 from pclayer.compiler import Plan, build_plan
 from pclayer.layers import InputLayer, LayerOutputs, ProductLayer, SumLayer
 from pclayer.nodes import NodeGroup
+from pclayer.scaled import scaled_root_value
 from pclayer.semiring import LOG_SUM, Semiring
 
 _LAYER_TYPES = {"input": InputLayer, "product": ProductLayer, "sum": SumLayer}
@@ -95,6 +96,11 @@ class TensorCircuit(nn.Module):
         """Drop the cached normalised tables of :meth:`log_tables`."""
         self.__dict__.pop("_table_cache", None)
 
+    def __getstate__(self) -> dict:
+        """Pickling and ``copy.deepcopy`` leave the table caches behind (they are rebuilt on use)."""
+        return {key: value for key, value in super().__getstate__().items()
+                if key not in ("_table_cache", "_linear_table_cache")}
+
     def _table_cache_key(self) -> tuple:
         return tuple((name, t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape))
                      for name, t in [*self.params.items(), *self.named_buffers()])
@@ -117,13 +123,7 @@ class TensorCircuit(nn.Module):
     def layer_values(self, x: torch.Tensor, missing: torch.Tensor | None, evidence: torch.Tensor | None,
                      semiring: Semiring = LOG_SUM, tables: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Run every layer on validated inputs; returns each layer's (B, n_layer) log-values."""
-        tables = self.log_tables() if tables is None else tables
-        if torch.is_grad_enabled() and any(tables[key].requires_grad for key in self.split_tables):
-            # Layers reading one bank of a stacked table get an unbound view (key, bank): autograd
-            # then stacks their gradients once instead of one full-size zero tensor per layer.
-            tables = dict(tables)
-            for key in self.split_tables:
-                tables.update({(key, bank): view for bank, view in enumerate(tables[key].unbind(0))})
+        tables = self._with_bank_views(self.log_tables() if tables is None else tables)
         values = LayerOutputs(self.output_cuts)
         values.add(self.layers[0](tables, x, missing, evidence, semiring))
         for layer in self.layers[1:]:
@@ -137,6 +137,25 @@ class TensorCircuit(nn.Module):
         """(B,) value of the root node."""
         layer, index = self.root
         return values[layer][:, index]
+
+    def root_log_value(self, x: torch.Tensor, missing: torch.Tensor | None, evidence: torch.Tensor | None,
+                       tables: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """(B,) root log-values (log-sum semiring) on validated inputs: computed in scaled linear
+        space (:mod:`pclayer.scaled`) where that is exact, else by :meth:`layer_values`."""
+        tables = self.log_tables() if tables is None else tables
+        value = scaled_root_value(self, self._with_bank_views(tables), x, missing, evidence)
+        return self.root_value(self.layer_values(x, missing, evidence, tables=tables)) if value is None else value
+
+    def _with_bank_views(self, tables: dict[str, torch.Tensor]) -> dict:
+        """``tables`` plus, when gradients flow, an unbound view (key, bank) per bank of the
+        stacked tables that layers read one bank at a time: autograd then stacks their
+        gradients once instead of building one full-size zero tensor per layer."""
+        if not (torch.is_grad_enabled() and any(tables[key].requires_grad for key in self.split_tables)):
+            return tables
+        tables = dict(tables)
+        for key in self.split_tables:
+            tables.update({(key, bank): view for bank, view in enumerate(tables[key].unbind(0))})
+        return tables
 
     def forward(self, x: torch.Tensor, missing: torch.Tensor | None = None,
                 soft_evidence: torch.Tensor | None = None) -> torch.Tensor:

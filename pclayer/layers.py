@@ -219,7 +219,7 @@ class InputLayer(nn.Module):
             return value, None
         shared_table = self._tables(i, bucket, tables, broadcast=True)
         marginal = semiring.topk_evidence(values, indices, shared_table)
-        if free is not None:
+        if free is not None and bool((free & missing.index_select(1, var)).any()):  # skip a pass over the table when unused
             marginal = torch.where(free.unsqueeze(-1), semiring.no_evidence(shared_table).unsqueeze(0), marginal)
         return value, marginal
 
@@ -327,6 +327,8 @@ class ProductLayer(_GatherMixin):
         self.padded = bool(spec["padded"])
         self.num_nodes = spec["children"].shape[0]
         self.column_reads = None if self.padded else self._column_reads()
+        # Per child column: the start of a contiguous run of z (read as a view), else None.
+        self.child_starts = [_contiguous_start(self.child_index[:, f]) for f in range(self.child_index.shape[1])]
         self.outer = None
         if self.column_reads is None and not self.padded and self.child_index.shape[1] == 2:
             self.outer = _outer_structure(self.child_index)
@@ -372,11 +374,18 @@ class ProductLayer(_GatherMixin):
             return (a + b).view(z.shape[0], -1)
         if self.padded:
             z = torch.cat([z, z.new_zeros(z.shape[0], 1)], dim=1)
-        fan_in = self.child_index.shape[1]
-        out = z.index_select(1, self.child_index[:, 0])
-        for f in range(1, fan_in):
-            out = out + z.index_select(1, self.child_index[:, f])
+        out = self.child_column(z, 0)
+        for f in range(1, self.child_index.shape[1]):
+            out = out + self.child_column(z, f)
         return out
+
+    def child_column(self, z: torch.Tensor, f: int) -> torch.Tensor:
+        """(B, P) values of every product's ``f``-th child from the gathered ``z`` (B, M): a
+        view where those children are a contiguous run of ``z``, else a gather."""
+        start = self.child_starts[f]
+        if start is not None:
+            return z.narrow(1, start, self.num_nodes)
+        return z.index_select(1, self.child_index[:, f])
 
     def select(self, active: torch.Tensor, outputs: list[torch.Tensor], params: dict, chooser: Chooser,
                uniforms: torch.Tensor | None) -> torch.Tensor:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TopKEvidence:
     """Soft evidence given on ``k`` candidate categories per variable.
 

@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 import reference as ref
 from conftest import evidence, random_circuits
 from pclayer.layers import ProductLayer, SumLayer
+from pclayer.queries.evidence import prepare
+from pclayer.scaled import scaled_root_value
 
 
 def _generic_copy(root: pc.NodeGroup) -> pc.TensorCircuit:
@@ -25,6 +27,7 @@ def _generic_copy(root: pc.NodeGroup) -> pc.TensorCircuit:
         if isinstance(layer, ProductLayer):
             layer.column_reads = None
             layer.outer = None
+            layer.child_starts = [None] * len(layer.child_starts)
         if isinstance(layer, SumLayer):
             for spec in layer.dense:
                 spec["start"] = None
@@ -111,3 +114,109 @@ def test_chunked_log_matmul_exp_matches_one_shot(monkeypatch, shared):
     chunked = run()
     for a, b in zip(one_shot, chunked):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# Scaled linear-space evaluation of the root (pclayer.scaled)
+# ---------------------------------------------------------------------------------------
+
+
+def _scaled_and_log_paths(circuit: pc.TensorCircuit, args) -> tuple[torch.Tensor | None, torch.Tensor, dict]:
+    """Root values by the scaled path (None if it declined) and by the log-space program, and
+    the gradients of both w.r.t. every normalised table that requires grad (the EM flows)."""
+    ev = prepare(circuit, *args)
+    tables = {key: value.detach().requires_grad_(key in circuit.params) for key, value in circuit.log_tables().items()}
+    wanted = [key for key, value in tables.items() if value.requires_grad]
+    scaled = scaled_root_value(circuit, circuit._with_bank_views(tables), ev.x, ev.missing, ev.soft_evidence)
+    log = circuit.root_value(circuit.layer_values(ev.x, ev.missing, ev.soft_evidence, tables=tables))
+    grads = {}
+    for name, value in (("scaled", scaled), ("log", log)):
+        if value is not None and wanted:
+            finite = torch.isfinite(value.detach())
+            got = torch.autograd.grad(value[finite].sum(), [tables[k] for k in wanted], allow_unused=True)
+            grads[name] = {k: torch.zeros_like(tables[k]) if g is None else g for k, g in zip(wanted, got)}
+    return scaled, log, grads
+
+
+def _assert_scaled_matches_log(circuit: pc.TensorCircuit, args, *, must_run: bool) -> None:
+    scaled, log, grads = _scaled_and_log_paths(circuit, args)
+    if scaled is None:
+        assert not must_run, "the scaled path declined a circuit it should evaluate"
+        return
+    torch.testing.assert_close(scaled, log, rtol=1e-12, atol=1e-12)
+    for key in grads.get("log", {}):
+        torch.testing.assert_close(grads["scaled"][key], grads["log"][key], rtol=1e-10, atol=1e-12, msg=key)
+
+
+@settings(max_examples=60, deadline=None)
+@given(random_circuits(), st.data())
+def test_scaled_root_value_matches_log_space_program_on_random_circuits(root, data):
+    """Values and flows (gradients w.r.t. the normalised tables) agree wherever the scaled
+    path accepts; with missing values and soft evidence too."""
+    x, missing, weights = data.draw(evidence(ref.variable_cats(root), batch=4))
+    args = (torch.as_tensor(x), torch.as_tensor(missing), None if weights is None else torch.as_tensor(weights))
+    circuit = pc.compile(root, dtype=torch.float64)
+    _assert_scaled_matches_log(circuit, args, must_run=False)
+    _assert_scaled_matches_log(circuit, (args[0], None, None), must_run=False)
+
+
+@pytest.mark.parametrize("structure", ["hmm", "hmm-missing", "rat-spn", "hclt"])
+def test_scaled_root_value_runs_and_matches_on_benchmark_structures(structure):
+    x = torch.randint(0, 3, (6, 8), generator=torch.Generator().manual_seed(2))
+    missing, soft = None, None
+    if structure.startswith("hmm"):
+        root = pc.structures.hmm(8, 5, 3, homogeneous=False, seed=0)
+        if structure == "hmm-missing":
+            missing = torch.rand(6, 8, generator=torch.Generator().manual_seed(4)) < 0.3
+            soft = torch.randn(6, 8, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    elif structure == "rat-spn":
+        root = pc.structures.rat_spn(8, 3, 2, 2, 3, seed=0)
+    else:
+        root = pc.structures.hclt(x, 3, 3, seed=0)
+    _assert_scaled_matches_log(pc.compile(root, dtype=torch.float64), (x, missing, soft), must_run=True)
+
+
+def test_scaled_path_declines_a_path_below_the_floor_and_log_prob_stays_exact():
+    """An identity HMM whose only possible path has probability 1e-800: the scaled path must
+    hand over to the log-space program (per-row exact fallback), and log_prob stays finite."""
+    eps, length = 1e-20, 40
+    emit = np.full((3, 3), eps) + np.eye(3) * (1 - 3 * eps)
+    root = pc.structures.hmm(length, 3, 3, initial=np.array([1.0, 0.0, 0.0]), transition=np.eye(3), emission=emit)
+    circuit = pc.compile(root, dtype=torch.float32)
+    x = torch.ones(2, length, dtype=torch.long)
+    ev = prepare(circuit, x, None, None)
+    with torch.no_grad():
+        assert scaled_root_value(circuit, circuit.log_tables(), ev.x, None, None) is None
+        value = circuit.log_prob(x)
+    assert torch.isfinite(value).all()
+    assert value[0].item() == pytest.approx(length * np.log(eps), rel=1e-5)
+
+
+def test_cached_linear_tables_follow_parameter_updates():
+    """Under no_grad the linear tables are reused while the parameters are unchanged and
+    recomputed after an in-place update (optimizer step, EM)."""
+    circuit = pc.compile(pc.structures.hmm(5, 4, 3, homogeneous=False, seed=0), dtype=torch.float64)
+    x = torch.randint(0, 3, (5, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = circuit.log_prob(x)
+        assert circuit.__dict__["_linear_table_cache"]
+        for p in circuit.params.values():
+            p.mul_(1.5)
+        after = circuit.log_prob(x)
+        expected = circuit.root_value(circuit.layer_values(x, None, None))
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 1 << 20])
+def test_fused_cross_product_sum_matches_log_space_program(monkeypatch, chunk_elements):
+    """RAT-SPN's cross-product layers run fused with the sum above them (one chunk of groups
+    or one group at a time): values and flows equal the log-space program's."""
+    scaled = importlib.import_module("pclayer.scaled")
+    monkeypatch.setattr(scaled, "_FUSED_CHUNK_ELEMENTS", chunk_elements)
+    circuit = pc.compile(pc.structures.rat_spn(8, 3, 3, 2, 3, seed=1), dtype=torch.float64)
+    assert scaled._fusable_cross_products(circuit)
+    x = torch.randint(0, 3, (5, 8), generator=torch.Generator().manual_seed(6))
+    _assert_scaled_matches_log(circuit, (x, None, None), must_run=True)
+    missing = torch.rand(5, 8, generator=torch.Generator().manual_seed(7)) < 0.4
+    _assert_scaled_matches_log(circuit, (x, missing, None), must_run=True)

@@ -119,8 +119,11 @@ def compute_flows(circuit, x: torch.Tensor, missing: torch.Tensor | None = None,
         # the node flow) is in the graph; their own gradients are not used.
         tables = {key: value.detach().requires_grad_(key in circuit.params)
                   for key, value in circuit.log_tables().items()}
-        values = circuit.layer_values(ev.x, ev.missing, ev.soft_evidence, tables=tables)
-        log_p = circuit.root_value(values)
+        if circuit.has_gaussian:  # the input layer's output is needed for the Gaussian statistics
+            values = circuit.layer_values(ev.x, ev.missing, ev.soft_evidence, tables=tables)
+            log_p = circuit.root_value(values)
+        else:
+            log_p = circuit.root_log_value(ev.x, ev.missing, ev.soft_evidence, tables=tables)
         require_positive(log_p.detach(), "learning")
         objective = (w * log_p).sum()
         leaves = [key for key, value in tables.items() if value.requires_grad and not key.startswith("gauss_")]

@@ -36,6 +36,13 @@ def _describe(value: object) -> str:
     return str(value.dtype) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
+def _check_log_weights(name: str, weights: torch.Tensor) -> None:
+    if torch.isnan(weights).any():
+        raise ValueError(f"{name}: NaN at {_first_index(torch.isnan(weights))}")
+    if (weights == torch.inf).any():
+        raise ValueError(f"{name}: +inf at {_first_index(weights == torch.inf)}; expected finite log-weights or -inf")
+
+
 def _check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
     if tensor.device != device:
         raise ValueError(f"{name}: expected a tensor on the circuit's device {device}, got {tensor.device}")
@@ -65,10 +72,7 @@ def prepare_topk(circuit, evidence: TopKEvidence, batch: int) -> TopKEvidence:
         if tuple(free.shape) != (batch, num_vars):
             raise ValueError(f"soft_evidence.free: expected shape ({batch}, {num_vars}), got {tuple(free.shape)}")
         _check_device("soft_evidence.free", free, device)
-    if torch.isnan(values).any():
-        raise ValueError(f"soft_evidence.values: NaN at {_first_index(torch.isnan(values))}")
-    if (values == torch.inf).any():
-        raise ValueError(f"soft_evidence.values: +inf at {_first_index(values == torch.inf)}; expected finite log-weights or -inf")
+    _check_log_weights("soft_evidence.values", values)
     limit = circuit.var_cats.view(1, -1, 1)
     bad = (indices < 0) | (indices >= limit)
     if bad.any():
@@ -138,10 +142,7 @@ def prepare(circuit, x: torch.Tensor, missing: torch.Tensor | None,
         if tuple(soft_evidence.shape) != expected:
             raise ValueError(f"soft_evidence: expected shape (B, num_vars, num_cats) = {expected}, got {tuple(soft_evidence.shape)}")
         _check_device("soft_evidence", soft_evidence, device)
-        if torch.isnan(soft_evidence).any():
-            raise ValueError(f"soft_evidence: NaN at {_first_index(torch.isnan(soft_evidence))}")
-        if (soft_evidence == torch.inf).any():
-            raise ValueError(f"soft_evidence: +inf at {_first_index(soft_evidence == torch.inf)}; expected finite log-weights or -inf")
+        _check_log_weights("soft_evidence", soft_evidence)
         if circuit.has_gaussian and (soft_evidence[:, ~discrete] != 0).any():
             raise ValueError("soft_evidence: expected zeros for Gaussian variables (soft evidence applies to discrete ones)")
         evidence = soft_evidence.to(circuit.dtype)

@@ -25,4 +25,4 @@ def log_prob(circuit, x: torch.Tensor, missing: torch.Tensor | None = None,
         respect to the circuit parameters and ``soft_evidence``.
     """
     ev = prepare(circuit, x, missing, soft_evidence)
-    return circuit.root_value(circuit.layer_values(ev.x, ev.missing, ev.soft_evidence))
+    return circuit.root_log_value(ev.x, ev.missing, ev.soft_evidence)

@@ -1,0 +1,128 @@
+"""The cache of normalised tables in TensorCircuit.log_tables: reused only while every
+parameter and buffer is unchanged, never under autograd."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pclayer as pc
+import pytest
+import torch
+
+from pclayer.learn import compute_flows, m_step
+
+
+def _circuit() -> pc.TensorCircuit:
+    return pc.compile(pc.structures.hmm(3, 2, 4, seed=0), dtype=torch.float32)
+
+
+X = torch.tensor([[0, 1, 2], [3, 3, 0]])
+
+
+def _fresh(circuit: pc.TensorCircuit) -> torch.Tensor:
+    """log_prob computed from uncached tables."""
+    with torch.no_grad():
+        return circuit.root_value(circuit.layer_values(X.to(circuit.device), None, None, tables=circuit._compute_log_tables()))
+
+
+def _cached(circuit: pc.TensorCircuit) -> torch.Tensor:
+    with torch.no_grad():
+        return circuit.log_prob(X)
+
+
+def _assert_fresh(circuit: pc.TensorCircuit) -> None:
+    torch.testing.assert_close(_cached(circuit), _fresh(circuit), rtol=1e-6, atol=1e-6)  # a stale table is off by >= 1e-2
+
+
+def test_tables_are_reused_without_gradients_and_recomputed_with_them():
+    circuit = _circuit()
+    with torch.no_grad():
+        first, second = circuit.log_tables(), circuit.log_tables()
+    assert all(first[key] is second[key] for key in first)
+    with_grad = circuit.log_tables()
+    assert all(with_grad[key] is not first[key] for key in first if key in circuit.params)
+    assert any(t.requires_grad for t in with_grad.values())
+    circuit.requires_grad_(False)
+    assert circuit.log_tables()["sum_2x2"] is first["sum_2x2"]  # grad mode on, but nothing requires grad
+    with torch.inference_mode():
+        inference = circuit.log_tables()
+    assert inference["sum_2x2"] is not first["sum_2x2"]
+
+
+def test_optimizer_step_invalidates_the_cache():
+    circuit = _circuit()
+    before = _cached(circuit)
+    optimizer = torch.optim.Adam(circuit.parameters(), lr=0.5)
+    (-circuit.log_prob(X).sum()).backward()
+    optimizer.step()
+    assert (_cached(circuit) - before).abs().max() > 1e-2
+    _assert_fresh(circuit)
+
+
+def test_em_step_invalidates_the_cache():
+    circuit = _circuit()
+    before = _cached(circuit)
+    m_step(circuit, compute_flows(circuit, X))
+    assert (_cached(circuit) - before).abs().max() > 1e-2
+    _assert_fresh(circuit)
+
+
+def test_load_state_dict_invalidates_the_cache():
+    circuit, other = _circuit(), pc.compile(pc.structures.hmm(3, 2, 4, seed=5), dtype=torch.float32)
+    before = _cached(circuit)
+    circuit.load_state_dict(other.state_dict())
+    assert (_cached(circuit) - before).abs().max() > 1e-2
+    _assert_fresh(circuit)
+    torch.testing.assert_close(_cached(circuit), _cached(other), rtol=1e-6, atol=1e-6)
+
+
+def test_in_place_update_and_saved_load_invalidate_the_cache():
+    circuit = _circuit()
+    before = _cached(circuit)
+    with torch.no_grad():
+        next(iter(circuit.params.values())).mul_(3.0)
+    assert (_cached(circuit) - before).abs().max() > 1e-2
+    _assert_fresh(circuit)
+    buffer = io.BytesIO()
+    torch.save(_circuit().state_dict(), buffer)
+    buffer.seek(0)
+    circuit.load_state_dict(torch.load(buffer))
+    torch.testing.assert_close(_cached(circuit), before, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("convert", [lambda c: c.to(torch.float64), lambda c: c.double()])
+def test_dtype_and_device_moves_invalidate_the_cache(convert):
+    circuit = _circuit()
+    _cached(circuit)
+    moved = convert(circuit)
+    result = _cached(moved)
+    assert result.dtype == moved.dtype
+    _assert_fresh(moved)
+
+
+def test_writes_through_data_need_clear_table_cache():
+    circuit = _circuit()
+    before = _cached(circuit)
+    next(iter(circuit.params.values())).data.mul_(3.0)  # bypasses the version counter
+    circuit.clear_table_cache()
+    assert (_cached(circuit) - before).abs().max() > 1e-2
+    _assert_fresh(circuit)
+
+
+def test_copies_and_pickles_do_not_carry_the_cache():
+    circuit = _circuit()
+    before = _cached(circuit)
+    assert "_table_cache" in circuit.__dict__
+    clone = copy.deepcopy(circuit)
+    assert "_table_cache" not in clone.__dict__
+    buffer = io.BytesIO()
+    torch.save(circuit, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert "_table_cache" not in loaded.__dict__
+    with torch.no_grad():
+        next(iter(clone.params.values())).mul_(2.0)
+    assert (_cached(clone) - before).abs().max() > 1e-2
+    torch.testing.assert_close(_cached(circuit), before, rtol=0, atol=0)
+    torch.testing.assert_close(_cached(loaded), before, rtol=1e-6, atol=1e-6)
