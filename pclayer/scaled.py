@@ -21,6 +21,8 @@ exactly that of the log-space program.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from pclayer.layers import InputLayer, LayerOutputs, ProductLayer, SumLayer, read_columns
@@ -31,6 +33,43 @@ SAFE_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 1e-20, torch.float32: 1e-30, 
 
 _RENORMALISE_BELOW = {torch.float16: 1e-2, torch.bfloat16: 1e-10, torch.float32: 1e-10, torch.float64: 1e-100}
 """A layer whose smallest entry falls below this has its rows divided by their maximum."""
+
+
+class _Workspace:
+    """Preallocated layer buffers reused across no-grad calls with the same batch size, dtype,
+    device and thread, so that a call writes (``out=``) into memory it has touched before
+    instead of paying page faults on fresh allocations. Disabled (every :meth:`take` returns
+    None, i.e. ops allocate as usual) whenever gradients are enabled."""
+
+    __slots__ = ("buffers",)
+
+    def __init__(self, buffers: dict | None):
+        self.buffers = buffers
+
+    @classmethod
+    def for_call(cls, circuit, x: torch.Tensor, dtype: torch.dtype) -> "_Workspace":
+        """The circuit's workspace for this call (one per thread; only the latest
+        (batch, dtype, device, inference mode) is kept), or a disabled one under autograd."""
+        if torch.is_grad_enabled():
+            return cls(None)
+        key = (x.shape[0], dtype, x.device, torch.is_inference_mode_enabled())
+        per_thread = circuit.__dict__.setdefault("_scaled_workspaces", {})
+        entry = per_thread.get(threading.get_ident())
+        if entry is None or entry[0] != key:
+            entry = (key, {})
+            per_thread[threading.get_ident()] = entry
+        return cls(entry[1])
+
+    def take(self, slot: tuple, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
+        """An uninitialised (shape) buffer of ``like``'s dtype and device for ``slot`` (one slot per
+        layer output: a buffer is never read after the next call starts), or None when disabled."""
+        if self.buffers is None:
+            return None
+        buffer = self.buffers.get(slot)
+        if buffer is None or buffer.shape != shape or buffer.dtype != like.dtype:
+            buffer = like.new_empty(shape)
+            self.buffers[slot] = buffer
+        return buffer
 
 
 class _Scaled:
@@ -64,14 +103,15 @@ def _add_scales(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor 
     return a if b is None else a + b
 
 
-def _checked(p: torch.Tensor, c: torch.Tensor | None, low: float) -> _Scaled | None:
+def _checked(p: torch.Tensor, c: torch.Tensor | None, low: float, owned: bool = False) -> _Scaled | None:
     """Accept a layer output whose entries are all at least the floor (``low`` is a proven
     lower bound, measured only when it does not settle the question), dividing its rows by
     their maximum when its smallest entry gets small. None = not exact in linear space.
 
     Every factor of a product and every term of a sum is at most 1, so an entry at least the
     floor had no partial result underflow (products) or only dropped terms far below its own
-    precision (sums): the guarantee :func:`pclayer.ops.log_matmul_exp.log_matmul_exp` checks."""
+    precision (sums): the guarantee :func:`pclayer.ops.log_matmul_exp.log_matmul_exp` checks.
+    ``owned``: ``p`` is a workspace buffer of this layer, so it may be divided in place."""
     floor, renormalise_below = SAFE_FLOOR[p.dtype], _RENORMALISE_BELOW[p.dtype]
     if low < renormalise_below and p.numel():
         low = float(p.detach().amin())
@@ -79,7 +119,7 @@ def _checked(p: torch.Tensor, c: torch.Tensor | None, low: float) -> _Scaled | N
             return None
         if low < renormalise_below:
             top = p.detach().amax(1, keepdim=True)
-            return _Scaled(p / top, _add_scales(c, top.log()), low)
+            return _Scaled(p.div_(top) if owned else p / top, _add_scales(c, top.log()), low)
     return _Scaled(p, c, low)
 
 
@@ -115,21 +155,25 @@ def _gather(layer, outputs: _Outputs) -> tuple[torch.Tensor, torch.Tensor | None
     return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)), common, low
 
 
-def _multiply(parts: list[torch.Tensor]) -> torch.Tensor:
-    out = parts[0] * parts[1] if len(parts) > 1 else parts[0]
+def _multiply(parts: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Elementwise product of ``parts`` (at least two when ``out``, a buffer, is given)."""
+    if len(parts) == 1:
+        return parts[0]
+    result = torch.mul(parts[0], parts[1], out=out)
     for part in parts[2:]:
-        out = out * part
-    return out
+        result = result.mul_(part) if out is not None else result * part
+    return result
 
 
-def _product(layer: ProductLayer, outputs: _Outputs) -> _Scaled | None:
+def _product(layer: ProductLayer, outputs: _Outputs, workspace: _Workspace, slot: int) -> _Scaled | None:
     if layer.column_reads is not None:
         parts = [read_columns(outputs.probs, *read) for read in layer.column_reads]
         scale, low = None, 1.0
         for source, _, _ in layer.column_reads:
             scale = _add_scales(scale, outputs.scales[source])
             low *= outputs.lows[source]
-        result = _checked(_multiply(parts), scale, low)
+        out = workspace.take((slot,), parts[0].shape, parts[0]) if len(parts) > 1 else None
+        result = _checked(_multiply(parts, out), scale, low, owned=out is not None)
         if result is None:  # small factors: bring each factor's largest entry per row to 1 first
             tops = [part.detach().amax(1, keepdim=True) for part in parts]
             tops = [torch.where(top > 0, top, torch.ones_like(top)) for top in tops]
@@ -222,15 +266,19 @@ def _dense_weights(circuit, layer: SumLayer, i: int, tables: dict) -> torch.Tens
     return layer._dense_logw(i, {spec["key"]: linear}, True)
 
 
-def _sum(circuit, layer: SumLayer, outputs: _Outputs, tables: dict) -> _Scaled | None:
+def _sum(circuit, layer: SumLayer, outputs: _Outputs, tables: dict, workspace: _Workspace, slot: int) -> _Scaled | None:
     z, common, _ = _gather(layer, outputs)
     outs = []
+    alone = len(layer.dense) == 1 and not layer.sparse  # the matrix product is the layer output
+    owned = False
     for i in range(len(layer.dense)):
         x = layer._dense_inputs(i, z)
         w = _dense_weights(circuit, layer, i, tables)
         b, g, c = x.shape
         if w.shape[0] == 1:
-            s = (x.reshape(b * g, c) @ w[0].transpose(0, 1)).view(b, g * w.shape[1])
+            out = workspace.take((slot, i), (b * g, w.shape[1]), x) if alone else None
+            s = torch.mm(x.reshape(b * g, c), w[0].transpose(0, 1), out=out).view(b, g * w.shape[1])
+            owned = out is not None
         else:
             s = torch.bmm(x.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1).reshape(b, -1)
         outs.append(s)
@@ -241,7 +289,7 @@ def _sum(circuit, layer: SumLayer, outputs: _Outputs, tables: dict) -> _Scaled |
             a = zp.index_select(1, children.reshape(-1)).view(z.shape[0], *children.shape)
             outs.append((a * _linear_table(circuit, spec["key"], tables[spec["key"]], rows_layout=False)[0]).sum(-1))
     s = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-    return _checked(s, common, 0.0)
+    return _checked(s, common, 0.0, owned=owned)
 
 
 def _linear_table(circuit, key, table: torch.Tensor, rows_layout: bool) -> tuple[torch.Tensor, float]:
@@ -268,7 +316,7 @@ def _linear_table(circuit, key, table: torch.Tensor, rows_layout: bool) -> tuple
     return entry[1], entry[2]
 
 
-def _categorical_inputs(circuit, tables: dict, x: torch.Tensor) -> _Scaled | None:
+def _categorical_inputs(circuit, tables: dict, x: torch.Tensor, workspace: _Workspace) -> _Scaled | None:
     """(B, num_input_nodes) probabilities of discrete inputs, fully observed, without evidence:
     one row read per (row, variable) from the linear tables."""
     layer = circuit.layers[0]
@@ -280,8 +328,10 @@ def _categorical_inputs(circuit, tables: dict, x: torch.Tensor) -> _Scaled | Non
         low = min(low, table_low)
         idx = x.index_select(1, var).long().clamp(0, k - 1)
         rows = (bank * k)[None, :] + idx
-        outs.append(linear.index_select(0, rows.reshape(-1)).view(x.shape[0], var.numel() * n))
-    return _checked(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1), None, low)
+        out = workspace.take((0, i), (rows.numel(), n), linear) if len(layer.buckets) == 1 else None
+        outs.append(torch.index_select(linear, 0, rows.reshape(-1), out=out).view(x.shape[0], var.numel() * n))
+    owned = len(layer.buckets) == 1 and workspace.buffers is not None
+    return _checked(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1), None, low, owned=owned)
 
 
 def _tables_are_small(circuit, tables: dict, batch: int) -> bool:
@@ -292,11 +342,12 @@ def _tables_are_small(circuit, tables: dict, batch: int) -> bool:
                for i, b in enumerate(layer.buckets))
 
 
-def _inputs(circuit, tables: dict, x: torch.Tensor, missing: torch.Tensor | None, evidence) -> _Scaled | None:
+def _inputs(circuit, tables: dict, x: torch.Tensor, missing: torch.Tensor | None, evidence,
+            workspace: _Workspace) -> _Scaled | None:
     """Input probabilities; rows are shifted by their maximum unless every log-value is
     known to be <= 0 (discrete inputs without soft evidence)."""
     if evidence is None and missing is None and not circuit.has_gaussian and _tables_are_small(circuit, tables, x.shape[0]):
-        return _categorical_inputs(circuit, tables, x)
+        return _categorical_inputs(circuit, tables, x, workspace)
     log_values = circuit.layers[0](tables, x, missing, evidence, LOG_SUM)
     if evidence is None and not circuit.has_gaussian:
         return _checked(torch.exp(log_values), None, 0.0)
@@ -312,19 +363,20 @@ def scaled_root_value(circuit, tables: dict, x: torch.Tensor, missing: torch.Ten
     path leaves to the log-space program). Arguments as in :meth:`TensorCircuit.layer_values` (validated
     inputs, normalised ``tables``, with unbound per-bank views already added)."""
     outputs = _Outputs(circuit.output_cuts)
+    workspace = _Workspace.for_call(circuit, x, circuit.dtype)
     fusable = _fusable_cross_products(circuit)
     fused = None
     for i, layer in enumerate(circuit.layers):
         if fused is not None:  # this sum was computed with the cross products before it
             out, fused = fused, None
         elif isinstance(layer, InputLayer):
-            out = _inputs(circuit, tables, x, missing, evidence)
+            out = _inputs(circuit, tables, x, missing, evidence, workspace)
         elif isinstance(layer, SumLayer):
-            out = _sum(circuit, layer, outputs, tables)
+            out = _sum(circuit, layer, outputs, tables, workspace, i)
         elif i in fusable and (fused := _cross_product_sum(circuit, layer, circuit.layers[i + 1], outputs, tables)):
             out = _Scaled(x.new_empty(0, 0, dtype=fused.p.dtype), None, 1.0)  # never read
         else:
-            out = _product(layer, outputs)
+            out = _product(layer, outputs, workspace, i)
         if out is None:
             return None
         outputs.add(out)

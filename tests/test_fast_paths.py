@@ -220,3 +220,32 @@ def test_fused_cross_product_sum_matches_log_space_program(monkeypatch, chunk_el
     _assert_scaled_matches_log(circuit, (x, None, None), must_run=True)
     missing = torch.rand(5, 8, generator=torch.Generator().manual_seed(7)) < 0.4
     _assert_scaled_matches_log(circuit, (x, missing, None), must_run=True)
+
+
+def test_no_grad_workspace_matches_fresh_allocations_across_batches_and_updates():
+    """Under no_grad the scaled path writes into reused per-layer buffers: its results equal
+    those of the grad-enabled path (no workspace) for two batch sizes, a batch size seen
+    again, and after a parameter update; earlier results are not overwritten by later calls."""
+    circuit = pc.compile(pc.structures.hmm(6, 4, 3, homogeneous=False, seed=0), dtype=torch.float64)
+    gen = torch.Generator().manual_seed(8)
+    batches = [torch.randint(0, 3, (b, 6), generator=gen) for b in (7, 3, 7)]
+
+    def both(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            reused = circuit.log_prob(x)
+        return reused, circuit.log_prob(x).detach()
+
+    first, first_expected = both(batches[0])
+    first_copy = first.clone()
+    assert any(buffers for _, buffers in circuit.__dict__["_scaled_workspaces"].values()), "no workspace used"
+    for x in batches[1:]:
+        reused, expected = both(x)
+        torch.testing.assert_close(reused, expected, rtol=1e-13, atol=1e-13)
+    with torch.no_grad():
+        for p in circuit.params.values():
+            p.mul_(1.5)
+    reused, expected = both(batches[0])
+    torch.testing.assert_close(reused, expected, rtol=1e-13, atol=1e-13)
+    assert not torch.allclose(reused, first_expected)
+    torch.testing.assert_close(first, first_expected, rtol=1e-13, atol=1e-13)
+    assert torch.equal(first, first_copy)
