@@ -67,6 +67,7 @@ class Runner:
     tasks: dict[str, Callable[[], object]]
     log_likelihood: Callable[[], torch.Tensor] | None = None
     notes: list[str] = field(default_factory=list)
+    substitutes: dict[str, str] = field(default_factory=dict)  # task -> what was timed instead (shown in its cell)
 
 
 def _version(dist: str) -> str | None:
@@ -266,6 +267,82 @@ def spflow_runners(sizes: Sizes, x: torch.Tensor, hmm_tables, structures: list[s
     return [runner]
 
 
+# ----------------------------------------------------------------------------- SparC
+
+
+def _sparc_hmm(hmm_tables):
+    """SparC 0.8.2 HMM built from its node classes with pclayer's tables, in the topology of
+    ``sparc.structures.HMM``: sum node ``i`` above position ``t + 1`` holds row ``i`` of
+    transition ``t`` over that position's chain nodes; chain node ``i`` at ``t`` is
+    emission ``(t, i)`` times that sum; the root mixes chain 0 under the initial table."""
+    from sparc.nodes import CategoricalInputNode, ProductNode, SumNode
+
+    init, trans, emis = hmm_tables
+    t_len, h = emis.shape[0], emis.shape[1]
+    chain = [CategoricalInputNode(t_len - 1, emis[t_len - 1, i].tolist()) for i in range(h)]
+    for t in range(t_len - 2, -1, -1):
+        sums = [SumNode(chain, trans[t, i].tolist()) for i in range(h)]
+        chain = [ProductNode([CategoricalInputNode(t, emis[t, i].tolist()), sums[i]]) for i in range(h)]
+    return SumNode(chain, init.tolist())
+
+
+def sparc_runners(sizes: Sizes, x: torch.Tensor, hmm_tables, structures: list[str]) -> list[Runner]:
+    """SparC 0.8.2 (float64 Cython, one loop per edge): the HMM with pclayer's tables, its own
+    ``HCLT`` and, for ``cp-tree``, its ``RAT_SPN`` (index-aligned products, i.e. a tree of CP
+    layers with one more sum at the top). Tasks run on the flattened ``CompiledCircuit``; it has
+    no EM, so its learning step (full-batch gradient, ``sparc.optim.apply_grads``,
+    ``refresh_parameters``) is timed in the EM column and labelled as such."""
+    import numpy as np
+    import sparc
+    from sparc.nodes import CategoricalInputNode, SumNode
+    from sparc.optim import apply_grads, iter_nodes
+    from sparc.structures import HCLT, RAT_SPN
+
+    sparc.set_num_threads(torch.get_num_threads())  # its OpenMP team (forward only)
+    data = np.ascontiguousarray(x.numpy(), dtype=np.int32)
+
+    def runner(structure: str, root) -> Runner:
+        compiled = root.compile()
+
+        def forward() -> torch.Tensor:
+            return torch.from_numpy(compiled.log_likelihood(data))
+
+        def gradient_step() -> None:
+            _, grads = compiled.mean_log_likelihood_and_grad(data)
+            apply_grads(root, grads, 0.1, ascent=True)
+            compiled.refresh_parameters()
+
+        num_params = sum(len(n.parameters_list()) if isinstance(n, SumNode) else len(n.probabilities_list())
+                         for n in iter_nodes(root) if isinstance(n, (SumNode, CategoricalInputNode)))
+        return Runner("sparc", structure, num_params,
+                      {"forward": forward, "forward+backward": lambda: compiled.mean_log_likelihood_and_grad(data),
+                       "EM step": gradient_step},
+                      log_likelihood=forward, substitutes={"EM step": "gradient step"})
+
+    out = []
+    if "hmm" in structures:
+        out.append(runner("hmm", _sparc_hmm(tuple(t.double() for t in hmm_tables))))
+    if "hclt" in structures:
+        out.append(runner("hclt", HCLT(data, sizes.num_states, num_bins=sizes.num_cats, num_cats=sizes.num_cats,
+                                       seed=0)))
+    if "cp-tree" in structures:
+        depth = sizes.num_vars.bit_length() - 1
+        out.append(runner("cp-tree", RAT_SPN(sizes.num_vars, sizes.cp_units, depth, 1, num_cats=sizes.num_cats,
+                                             seed=0)))
+    notes = ["sparc: float64; no EM, so its EM cell times one projected-gradient ascent step "
+             "(mean_log_likelihood_and_grad + sparc.optim.apply_grads + refresh_parameters); "
+             "its cp-tree is RAT_SPN with index-aligned products (one extra top sum)"]
+    if "rat-spn" in structures:
+        notes.append("sparc: no rat-spn row (its RAT_SPN has no cross-product regions to match cirkit's tucker layers)")
+    if out:
+        out[0].notes += notes
+    return out
+
+
+BUILDERS: dict[str, Callable[..., list[Runner]]] = {
+    "pclayer": pclayer_runners, "cirkit": cirkit_runners, "spflow": spflow_runners, "sparc": sparc_runners}
+
+
 # ----------------------------------------------------------------------------- measurement
 
 
@@ -291,8 +368,7 @@ def peak_rss_mb(library: str, structure: str, sizes: Sizes, threads: int) -> flo
 
 def _memory_probe(library: str, structure: str, sizes: Sizes) -> None:
     x = torch.randint(0, sizes.num_cats, (sizes.batch, sizes.num_vars), generator=torch.Generator().manual_seed(1))
-    builders = {"pclayer": pclayer_runners, "cirkit": cirkit_runners, "spflow": spflow_runners}
-    (runner,) = builders[library](sizes, x, _random_tables(sizes, seed=0), [structure])
+    (runner,) = BUILDERS[library](sizes, x, _random_tables(sizes, seed=0), [structure])
     runner.tasks["forward+backward"]()
     runner.tasks["forward+backward"]()
     print(_vm_kib("VmHWM") / 1024)
@@ -364,7 +440,8 @@ def write_report(out_dir: Path, runners: list[Runner], medians, memory, agreemen
     ]
     for r in runners:
         row = [r.structure, r.library, f"{r.num_params / 1e6:.2f} M"]
-        row += [_fmt(medians.get((r.library, r.structure, t))) for t in tasks]
+        row += [_fmt(medians.get((r.library, r.structure, t))) + (f" ({r.substitutes[t]})" if t in r.substitutes else "")
+                for t in tasks]
         mem = memory.get((r.library, r.structure))
         row.append("-" if mem is None else f"{mem / 1024:.2f} GB")
         ratios = []
@@ -442,17 +519,16 @@ def main(argv: list[str] | None = None) -> None:
     tables = _random_tables(sizes, seed=0)
     runners: list[Runner] = []
     skipped: list[str] = []
-    builders = {"pclayer": pclayer_runners, "cirkit": cirkit_runners, "spflow": spflow_runners}
     peers = {"cirkit": "libcirkit", "spflow": "spflow", "sparc": "sparc-pc"}
     for lib in libraries:
         if lib in peers and _version(peers[lib]) is None:
             skipped.append(f"{lib}: not installed (pip install {peers[lib]}); skipped")
             continue
-        if lib not in builders:
+        if lib not in BUILDERS:
             skipped.append(f"{lib}: installed, but this script has no adapter for it (see docs/performance.md)")
             continue
         start = time.perf_counter()
-        runners += builders[lib](sizes, x, tables, structures)
+        runners += BUILDERS[lib](sizes, x, tables, structures)
         print(f"built {lib} circuits in {time.perf_counter() - start:.1f} s")
 
     agreement = []

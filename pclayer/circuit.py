@@ -7,6 +7,7 @@ from torch import nn
 
 from pclayer.compiler import Plan, build_plan
 from pclayer.layers import InputLayer, LayerOutputs, ProductLayer, SumLayer
+from pclayer.linear_tables import TableSource
 from pclayer.nodes import NodeGroup
 from pclayer.scaled import scaled_root_value
 from pclayer.semiring import LOG_SUM, Semiring
@@ -40,7 +41,8 @@ class TensorCircuit(nn.Module):
             self.register_buffer(f"fixed_{key}", value.to(dtype) if value.is_floating_point() else value)
         self.layers = nn.ModuleList([_LAYER_TYPES[spec["type"]](spec) for spec in plan.layers])
         self.root = plan.root
-        self.output_cuts = _output_cuts(self.layers, _layer_widths(plan))
+        self.layer_widths = _layer_widths(plan)
+        self.output_cuts = _output_cuts(self.layers, self.layer_widths)
         self.split_tables = sorted({key for layer in self.layers if isinstance(layer, SumLayer)
                                     for key, _ in layer.single_banks() if plan.params[key].shape[0] > 1})
 
@@ -81,8 +83,7 @@ class TensorCircuit(nn.Module):
         ``tensor.data`` bypass the version counter; call :meth:`clear_table_cache` after them.
         The cached tables must not be modified in place.
         """
-        differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in self.params.values())
-        if differentiable or torch.is_inference_mode_enabled():
+        if not self._tables_cacheable():
             return self._compute_log_tables()
         key = self._table_cache_key()
         cached = self.__dict__.get("_table_cache")
@@ -92,18 +93,25 @@ class TensorCircuit(nn.Module):
             self.__dict__["_table_cache"] = cached
         return dict(cached[1])
 
+    def _tables_cacheable(self) -> bool:
+        """Whether normalised tables may come from the caches: no gradient can reach the
+        parameters and inference mode is off."""
+        differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in self.params.values())
+        return not differentiable and not torch.is_inference_mode_enabled()
+
     def clear_table_cache(self) -> None:
-        """Drop the cached normalised tables of :meth:`log_tables`."""
+        """Drop the cached normalised tables of :meth:`log_tables` and their linear copies."""
         self.__dict__.pop("_table_cache", None)
+        self.__dict__.pop("_linear_tables", None)
 
     def __getstate__(self) -> dict:
         """Pickling and ``copy.deepcopy`` leave the table caches behind (they are rebuilt on use)."""
         return {key: value for key, value in super().__getstate__().items()
-                if key not in ("_table_cache", "_linear_table_cache")}
+                if key not in ("_table_cache", "_linear_tables", "_scaled_workspaces")}
 
     def _table_cache_key(self) -> tuple:
         return tuple((name, t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape))
-                     for name, t in [*self.params.items(), *self.named_buffers()])
+                     for name, t in [*self.params.items(), *self._buffers.items()])
 
     def _compute_log_tables(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -115,7 +123,7 @@ class TensorCircuit(nn.Module):
                 out[key] = value
             else:
                 out[key] = torch.log_softmax(value, dim=-1)
-        for name, value in self.named_buffers():
+        for name, value in self._buffers.items():
             if name.startswith("fixed_ind_"):
                 out[name[len("fixed_"):]] = value
         return out
@@ -142,8 +150,12 @@ class TensorCircuit(nn.Module):
                        tables: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """(B,) root log-values (log-sum semiring) on validated inputs: computed in scaled linear
         space (:mod:`pclayer.scaled`) where that is exact, else by :meth:`layer_values`."""
-        tables = self.log_tables() if tables is None else tables
-        value = scaled_root_value(self, self._with_bank_views(tables), x, missing, evidence)
+        if tables is None and self._tables_cacheable():
+            source = TableSource(self, None)  # linear tables straight from the parameters
+        else:
+            tables = self.log_tables() if tables is None else tables
+            source = TableSource(self, self._with_bank_views(tables))
+        value = scaled_root_value(self, source, x, missing, evidence)
         return self.root_value(self.layer_values(x, missing, evidence, tables=tables)) if value is None else value
 
     def _with_bank_views(self, tables: dict[str, torch.Tensor]) -> dict:

@@ -21,15 +21,20 @@ exactly that of the log-space program.
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
 
+from pclayer.linear_tables import TableSource
 from pclayer.layers import InputLayer, LayerOutputs, ProductLayer, SumLayer, read_columns
 from pclayer.semiring import LOG_SUM
 
 SAFE_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 1e-20, torch.float32: 1e-30, torch.float64: 1e-290}
 """A layer entry below this (absolute) sends the whole batch to the log-space program."""
+
+_CONVEX_SLACK = 0.5
+"""Factor applied to a sum's proven lower bound (the smallest child entry) for rounding."""
 
 _RENORMALISE_BELOW = {torch.float16: 1e-2, torch.bfloat16: 1e-10, torch.float32: 1e-10, torch.float64: 1e-100}
 """A layer whose smallest entry falls below this has its rows divided by their maximum."""
@@ -38,38 +43,79 @@ _RENORMALISE_BELOW = {torch.float16: 1e-2, torch.bfloat16: 1e-10, torch.float32:
 class _Workspace:
     """Preallocated layer buffers reused across no-grad calls with the same batch size, dtype,
     device and thread, so that a call writes (``out=``) into memory it has touched before
-    instead of paying page faults on fresh allocations. Disabled (every :meth:`take` returns
-    None, i.e. ops allocate as usual) whenever gradients are enabled."""
+    instead of paying page faults on fresh allocations. Layers whose outputs are never alive
+    at the same time share one buffer (see :func:`_buffer_plan`), which keeps the working set
+    small enough to stay in cache. Disabled (every :meth:`take` returns None, i.e. ops
+    allocate as usual) whenever gradients are enabled."""
 
-    __slots__ = ("buffers",)
+    __slots__ = ("buffers", "plan")
 
-    def __init__(self, buffers: dict | None):
-        self.buffers = buffers
+    def __init__(self, buffers: dict | None, plan: list[int] | None):
+        self.buffers, self.plan = buffers, plan
 
     @classmethod
     def for_call(cls, circuit, x: torch.Tensor, dtype: torch.dtype) -> "_Workspace":
         """The circuit's workspace for this call (one per thread; only the latest
         (batch, dtype, device, inference mode) is kept), or a disabled one under autograd."""
         if torch.is_grad_enabled():
-            return cls(None)
+            return cls(None, None)
         key = (x.shape[0], dtype, x.device, torch.is_inference_mode_enabled())
         per_thread = circuit.__dict__.setdefault("_scaled_workspaces", {})
         entry = per_thread.get(threading.get_ident())
         if entry is None or entry[0] != key:
             entry = (key, {})
             per_thread[threading.get_ident()] = entry
-        return cls(entry[1])
+        return cls(entry[1], _buffer_plan(circuit))
 
-    def take(self, slot: tuple, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
-        """An uninitialised (shape) buffer of ``like``'s dtype and device for ``slot`` (one slot per
-        layer output: a buffer is never read after the next call starts), or None when disabled."""
+    def take(self, layer: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
+        """An uninitialised (shape) buffer of ``like``'s dtype and device for the output of
+        ``layer`` (valid until the last layer that reads it has run), or None when disabled."""
         if self.buffers is None:
             return None
+        slot = self.plan[layer]
+        numel = math.prod(shape)
         buffer = self.buffers.get(slot)
-        if buffer is None or buffer.shape != shape or buffer.dtype != like.dtype:
-            buffer = like.new_empty(shape)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype:
+            buffer = like.new_empty(numel)
             self.buffers[slot] = buffer
-        return buffer
+        return buffer[:numel].view(shape)
+
+
+def _buffer_plan(circuit) -> list[int]:
+    """Workspace buffer id per layer: a layer's buffer is handed to a later layer of the same
+    width once every layer that reads it (or reads an output that may be a view of it: a
+    product of one factor) has run; the root's buffer is never reused. Computed once per circuit.
+
+    A buffer is released only after the layer that reads it last has been given its own, so
+    no layer ever writes into memory it reads."""
+    cached = circuit.__dict__.get("_scaled_buffer_plan")
+    if cached is not None:
+        return cached
+    layers = circuit.layers
+    holders: list[set[int]] = []  # per layer: layers whose buffers its output may occupy
+    last_use = list(range(len(layers)))
+    for i, layer in enumerate(layers):
+        sources = [] if isinstance(layer, InputLayer) else sorted(set(layer.source_layers))
+        for source in sources:
+            for held in holders[source]:
+                last_use[held] = max(last_use[held], i)
+        single_factor = isinstance(layer, ProductLayer) and (
+            len(layer.column_reads) == 1 if layer.column_reads is not None else layer.child_index.shape[1] == 1)
+        holders.append({i}.union(*(holders[s] for s in sources)) if single_factor else {i})
+    for held in holders[circuit.root[0]]:
+        last_use[held] = len(layers)
+    released_after: dict[int, list[int]] = {}
+    for held, last in enumerate(last_use):
+        released_after.setdefault(last, []).append(held)
+    free: dict[int, list[int]] = {}
+    plan: list[int] = []
+    for i in range(len(layers)):
+        width = circuit.layer_widths[i]
+        plan.append(free[width].pop() if free.get(width) else i)
+        for held in released_after.get(i, []):
+            free.setdefault(circuit.layer_widths[held], []).append(plan[held])
+    circuit.__dict__["_scaled_buffer_plan"] = plan
+    return plan
 
 
 class _Scaled:
@@ -126,6 +172,8 @@ def _checked(p: torch.Tensor, c: torch.Tensor | None, low: float, owned: bool = 
 def _common_scale(outputs: _Outputs, layers: list[int]) -> tuple[torch.Tensor | None, dict[int, torch.Tensor | None], float]:
     """A common log-scale for reading ``layers`` together, each layer's factor to reach it
     (``exp(c_l - c) <= 1``; None = no rescaling) and a lower bound of the rescaled entries."""
+    if len(layers) == 1:
+        return outputs.scales[layers[0]], {layers[0]: None}, outputs.lows[layers[0]]
     scales = {layer: outputs.scales[layer] for layer in set(layers)}
     distinct = {id(c): c for c in scales.values()}
     if len(distinct) == 1:
@@ -172,7 +220,7 @@ def _product(layer: ProductLayer, outputs: _Outputs, workspace: _Workspace, slot
         for source, _, _ in layer.column_reads:
             scale = _add_scales(scale, outputs.scales[source])
             low *= outputs.lows[source]
-        out = workspace.take((slot,), parts[0].shape, parts[0]) if len(parts) > 1 else None
+        out = workspace.take(slot, parts[0].shape, parts[0]) if len(parts) > 1 else None
         result = _checked(_multiply(parts, out), scale, low, owned=out is not None)
         if result is None:  # small factors: bring each factor's largest entry per row to 1 first
             tops = [part.detach().amax(1, keepdim=True) for part in parts]
@@ -229,7 +277,7 @@ def _fusable_cross_products(circuit) -> set[int]:
     return fusable
 
 
-def _cross_product_sum(circuit, product: ProductLayer, layer: SumLayer, outputs: _Outputs, tables: dict) -> _Scaled | None:
+def _cross_product_sum(product: ProductLayer, layer: SumLayer, outputs: _Outputs, source: TableSource) -> _Scaled | None:
     """The sum layer over a cross-product layer without materialising all cross products:
     per chunk of groups ``(a (x) b)`` then its matrix product with the weights. None when the
     factors' lower bound cannot prove that no cross product underflows (then both layers run
@@ -242,81 +290,60 @@ def _cross_product_sum(circuit, product: ProductLayer, layer: SumLayer, outputs:
     # group-major factors (G, B, S): each chunk of groups is contiguous and is the batch of a bmm
     a = z.index_select(1, product.outer_left).view(batch, groups, left).transpose(0, 1).contiguous().unsqueeze(-1)
     b = z.index_select(1, product.outer_right).view(batch, groups, right).transpose(0, 1).contiguous().unsqueeze(-2)
-    w = _dense_weights(circuit, layer, 0, tables)  # (G|1, N, left*right)
+    w = _dense_weights(layer, 0, source)  # (G|1, left*right, N)
     step = max(1, _FUSED_CHUNK_ELEMENTS // max(batch * left * right, 1))
     sums = []
     for g0 in range(0, groups, step):
         g1 = min(groups, g0 + step)
         x = (a[g0:g1] * b[g0:g1]).view(g1 - g0, batch, left * right)
         if w.shape[0] == 1:
-            sums.append((x.view(-1, left * right) @ w[0].transpose(0, 1)).view(g1 - g0, batch, -1))
+            sums.append((x.view(-1, left * right) @ w[0]).view(g1 - g0, batch, -1))
         else:
-            sums.append(torch.bmm(x, w[g0:g1].transpose(1, 2)))
+            sums.append(torch.bmm(x, w[g0:g1]))
     s = (sums[0] if len(sums) == 1 else torch.cat(sums, dim=0)).transpose(0, 1)  # (B, G, N)
     return _checked(s.reshape(batch, -1), None if common is None else common * 2, 0.0)
 
 
-def _dense_weights(circuit, layer: SumLayer, i: int, tables: dict) -> torch.Tensor:
-    """(G|1, N, C) linear weights of dense bucket ``i`` of ``layer``."""
+def _dense_weights(layer: SumLayer, i: int, source: TableSource) -> torch.Tensor:
+    """(G|1, C, N) linear weights of dense bucket ``i`` of ``layer``, transposed for ``x @ w``."""
     spec = layer.dense[i]
-    table = tables[spec["key"]]
-    if table.requires_grad:
-        return torch.exp(layer._dense_logw(i, tables, True))
-    linear, _ = _linear_table(circuit, spec["key"], table, rows_layout=False)
-    return layer._dense_logw(i, {spec["key"]: linear}, True)
+    if not source.cached:  # exp of the (bank views of the) log-tables, so gradients flow per bank
+        return torch.exp(layer._dense_logw(i, source.log, True)).transpose(1, 2)
+    if spec["shared"] is not None:
+        return source.bank_transposed(spec["key"], spec["shared"]).unsqueeze(0)
+    linear, _ = source.linear(spec["key"])
+    return layer._dense_logw(i, {spec["key"]: linear}, True).transpose(1, 2)
 
 
-def _sum(circuit, layer: SumLayer, outputs: _Outputs, tables: dict, workspace: _Workspace, slot: int) -> _Scaled | None:
-    z, common, _ = _gather(layer, outputs)
+def _sum(layer: SumLayer, outputs: _Outputs, source: TableSource, workspace: _Workspace, slot: int) -> _Scaled | None:
+    z, common, low = _gather(layer, outputs)
     outs = []
     alone = len(layer.dense) == 1 and not layer.sparse  # the matrix product is the layer output
     owned = False
     for i in range(len(layer.dense)):
         x = layer._dense_inputs(i, z)
-        w = _dense_weights(circuit, layer, i, tables)
+        w = _dense_weights(layer, i, source)
         b, g, c = x.shape
         if w.shape[0] == 1:
-            out = workspace.take((slot, i), (b * g, w.shape[1]), x) if alone else None
-            s = torch.mm(x.reshape(b * g, c), w[0].transpose(0, 1), out=out).view(b, g * w.shape[1])
+            out = workspace.take(slot, (b * g, w.shape[2]), x) if alone else None
+            s = torch.mm(x.reshape(b * g, c), w[0], out=out).view(b, g * w.shape[2])
             owned = out is not None
         else:
-            s = torch.bmm(x.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1).reshape(b, -1)
+            s = torch.bmm(x.transpose(0, 1), w).transpose(0, 1).reshape(b, -1)
         outs.append(s)
     if layer.sparse:
         zp = torch.cat([z, z.new_zeros(z.shape[0], 1)], dim=1)
         for i, spec in enumerate(layer.sparse):
             children = getattr(layer, f"sparse_children_{i}")
             a = zp.index_select(1, children.reshape(-1)).view(z.shape[0], *children.shape)
-            outs.append((a * _linear_table(circuit, spec["key"], tables[spec["key"]], rows_layout=False)[0]).sum(-1))
+            outs.append((a * source.linear(spec["key"])[0]).sum(-1))
     s = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-    return _checked(s, common, 0.0, owned=owned)
+    # every sum is a convex combination of its children (normalised weights), so it is at least
+    # their smallest entry; the slack covers rounding of the weights and of the product
+    return _checked(s, common, low * _CONVEX_SLACK, owned=owned)
 
 
-def _linear_table(circuit, key, table: torch.Tensor, rows_layout: bool) -> tuple[torch.Tensor, float]:
-    """``exp(table)`` and its smallest entry; for ``rows_layout`` a categorical table
-    (banks, n, K) is returned as (banks*K, n) so that one (bank, category) is one contiguous row.
-
-    Tables that take no part in autograd (for example the cached tables of
-    :meth:`TensorCircuit.log_tables` under ``torch.no_grad``) are converted once and reused
-    for as long as the same table object comes back."""
-    def convert() -> tuple[torch.Tensor, float]:
-        linear = torch.exp(table)
-        if rows_layout:
-            banks, n, k = linear.shape
-            linear = linear.transpose(1, 2).reshape(banks * k, n)
-        return linear, float(linear.detach().amin()) if linear.numel() else 1.0
-
-    if table.requires_grad:
-        return convert()
-    cache = circuit.__dict__.setdefault("_linear_table_cache", {})
-    entry = cache.get((key, rows_layout))
-    if entry is None or entry[0] is not table:
-        entry = (table, *convert())
-        cache[(key, rows_layout)] = entry
-    return entry[1], entry[2]
-
-
-def _categorical_inputs(circuit, tables: dict, x: torch.Tensor, workspace: _Workspace) -> _Scaled | None:
+def _categorical_inputs(circuit, source: TableSource, x: torch.Tensor, workspace: _Workspace) -> _Scaled | None:
     """(B, num_input_nodes) probabilities of discrete inputs, fully observed, without evidence:
     one row read per (row, variable) from the linear tables."""
     layer = circuit.layers[0]
@@ -324,31 +351,31 @@ def _categorical_inputs(circuit, tables: dict, x: torch.Tensor, workspace: _Work
     for i, bucket in enumerate(layer.buckets):
         var, bank = getattr(layer, f"var_{i}"), getattr(layer, f"bank_{i}")
         k, n = bucket["num_cats"], bucket["num_nodes"]
-        linear, table_low = _linear_table(circuit, bucket["key"], tables[bucket["key"]], rows_layout=True)
+        linear, table_low = source.linear(bucket["key"], rows_layout=True)
         low = min(low, table_low)
         idx = x.index_select(1, var).long().clamp(0, k - 1)
         rows = (bank * k)[None, :] + idx
-        out = workspace.take((0, i), (rows.numel(), n), linear) if len(layer.buckets) == 1 else None
+        out = workspace.take(0, (rows.numel(), n), linear) if len(layer.buckets) == 1 else None
         outs.append(torch.index_select(linear, 0, rows.reshape(-1), out=out).view(x.shape[0], var.numel() * n))
     owned = len(layer.buckets) == 1 and workspace.buffers is not None
     return _checked(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1), None, low, owned=owned)
 
 
-def _tables_are_small(circuit, tables: dict, batch: int) -> bool:
+def _tables_are_small(circuit, source: TableSource, batch: int) -> bool:
     """Whether every input table is at most twice the size of what a batch reads from it (as in
     the log-space input layer): only then is a linear copy of the tables worth keeping."""
     layer = circuit.layers[0]
-    return all(tables[b["key"]].numel() <= 2 * batch * getattr(layer, f"var_{i}").numel() * b["num_nodes"]
+    return all(source.raw_numel(b["key"]) <= 2 * batch * getattr(layer, f"var_{i}").numel() * b["num_nodes"]
                for i, b in enumerate(layer.buckets))
 
 
-def _inputs(circuit, tables: dict, x: torch.Tensor, missing: torch.Tensor | None, evidence,
+def _inputs(circuit, source: TableSource, x: torch.Tensor, missing: torch.Tensor | None, evidence,
             workspace: _Workspace) -> _Scaled | None:
     """Input probabilities; rows are shifted by their maximum unless every log-value is
     known to be <= 0 (discrete inputs without soft evidence)."""
-    if evidence is None and missing is None and not circuit.has_gaussian and _tables_are_small(circuit, tables, x.shape[0]):
-        return _categorical_inputs(circuit, tables, x, workspace)
-    log_values = circuit.layers[0](tables, x, missing, evidence, LOG_SUM)
+    if evidence is None and missing is None and not circuit.has_gaussian and _tables_are_small(circuit, source, x.shape[0]):
+        return _categorical_inputs(circuit, source, x, workspace)
+    log_values = circuit.layers[0](source.log, x, missing, evidence, LOG_SUM)
     if evidence is None and not circuit.has_gaussian:
         return _checked(torch.exp(log_values), None, 0.0)
     top = log_values.detach().amax(1, keepdim=True)
@@ -356,12 +383,13 @@ def _inputs(circuit, tables: dict, x: torch.Tensor, missing: torch.Tensor | None
     return _checked(torch.exp(log_values - top), top, 0.0)
 
 
-def scaled_root_value(circuit, tables: dict, x: torch.Tensor, missing: torch.Tensor | None,
+def scaled_root_value(circuit, source: TableSource, x: torch.Tensor, missing: torch.Tensor | None,
                       evidence) -> torch.Tensor | None:
     """(B,) root log-values computed in scaled linear space, or None where that would not be
     exact (some layer entry below :data:`SAFE_FLOOR`, or a padded product layer, which this
-    path leaves to the log-space program). Arguments as in :meth:`TensorCircuit.layer_values` (validated
-    inputs, normalised ``tables``, with unbound per-bank views already added)."""
+    path leaves to the log-space program). ``source`` gives the normalised tables (see
+    :class:`~pclayer.linear_tables.TableSource`); the other arguments are validated inputs as in
+    :meth:`TensorCircuit.layer_values`."""
     outputs = _Outputs(circuit.output_cuts)
     workspace = _Workspace.for_call(circuit, x, circuit.dtype)
     fusable = _fusable_cross_products(circuit)
@@ -370,10 +398,10 @@ def scaled_root_value(circuit, tables: dict, x: torch.Tensor, missing: torch.Ten
         if fused is not None:  # this sum was computed with the cross products before it
             out, fused = fused, None
         elif isinstance(layer, InputLayer):
-            out = _inputs(circuit, tables, x, missing, evidence, workspace)
+            out = _inputs(circuit, source, x, missing, evidence, workspace)
         elif isinstance(layer, SumLayer):
-            out = _sum(circuit, layer, outputs, tables, workspace, i)
-        elif i in fusable and (fused := _cross_product_sum(circuit, layer, circuit.layers[i + 1], outputs, tables)):
+            out = _sum(layer, outputs, source, workspace, i)
+        elif i in fusable and (fused := _cross_product_sum(layer, circuit.layers[i + 1], outputs, source)):
             out = _Scaled(x.new_empty(0, 0, dtype=fused.p.dtype), None, 1.0)  # never read
         else:
             out = _product(layer, outputs, workspace, i)

@@ -17,6 +17,7 @@ import reference as ref
 from conftest import evidence, random_circuits
 from pclayer.layers import ProductLayer, SumLayer
 from pclayer.queries.evidence import prepare
+from pclayer.linear_tables import TableSource
 from pclayer.scaled import scaled_root_value
 
 
@@ -127,7 +128,7 @@ def _scaled_and_log_paths(circuit: pc.TensorCircuit, args) -> tuple[torch.Tensor
     ev = prepare(circuit, *args)
     tables = {key: value.detach().requires_grad_(key in circuit.params) for key, value in circuit.log_tables().items()}
     wanted = [key for key, value in tables.items() if value.requires_grad]
-    scaled = scaled_root_value(circuit, circuit._with_bank_views(tables), ev.x, ev.missing, ev.soft_evidence)
+    scaled = scaled_root_value(circuit, TableSource(circuit, circuit._with_bank_views(tables)), ev.x, ev.missing, ev.soft_evidence)
     log = circuit.root_value(circuit.layer_values(ev.x, ev.missing, ev.soft_evidence, tables=tables))
     grads = {}
     for name, value in (("scaled", scaled), ("log", log)):
@@ -186,7 +187,7 @@ def test_scaled_path_declines_a_path_below_the_floor_and_log_prob_stays_exact():
     x = torch.ones(2, length, dtype=torch.long)
     ev = prepare(circuit, x, None, None)
     with torch.no_grad():
-        assert scaled_root_value(circuit, circuit.log_tables(), ev.x, None, None) is None
+        assert scaled_root_value(circuit, TableSource(circuit, None), ev.x, None, None) is None
         value = circuit.log_prob(x)
     assert torch.isfinite(value).all()
     assert value[0].item() == pytest.approx(length * np.log(eps), rel=1e-5)
@@ -199,10 +200,14 @@ def test_cached_linear_tables_follow_parameter_updates():
     x = torch.randint(0, 3, (5, 5), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = circuit.log_prob(x)
-        assert circuit.__dict__["_linear_table_cache"]
+        cache = circuit.__dict__["_linear_tables"]
+        buffers = {key: entry[1].data_ptr() for key, entry in cache.entries.items()}
+        assert buffers
         for p in circuit.params.values():
             p.mul_(1.5)
         after = circuit.log_prob(x)
+        # recomputed into the same buffers (no fresh allocation per parameter version)
+        assert {key: entry[1].data_ptr() for key, entry in cache.entries.items()} == buffers
         expected = circuit.root_value(circuit.layer_values(x, None, None))
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, expected, rtol=1e-12, atol=1e-12)
@@ -249,3 +254,40 @@ def test_no_grad_workspace_matches_fresh_allocations_across_batches_and_updates(
     assert not torch.allclose(reused, first_expected)
     torch.testing.assert_close(first, first_expected, rtol=1e-13, atol=1e-13)
     assert torch.equal(first, first_copy)
+
+
+@settings(max_examples=60, deadline=None)
+@given(random_circuits(), st.data())
+def test_no_grad_shared_buffers_match_the_log_space_program_on_random_circuits(root, data):
+    """Layers share workspace buffers when their outputs are never alive together: on random
+    DAGs (shared sub-circuits, products of one factor that alias their child, sparse sums)
+    the no-grad scaled values equal the log-space program's."""
+    x, _, _ = data.draw(evidence(ref.variable_cats(root), batch=4))
+    x = torch.as_tensor(x)
+    circuit = pc.compile(root, dtype=torch.float64)
+    with torch.no_grad():
+        got = circuit.log_prob(x)
+        expected = circuit.root_value(circuit.layer_values(x, None, None))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_buffer_plan_never_reuses_a_buffer_that_is_still_read():
+    """Invariant of the plan on the benchmark structures: when a layer is given a buffer, no
+    earlier layer holding that buffer is read at or after that layer (directly or through a
+    product of one factor), and HMM layers rotate through a handful of buffers."""
+    scaled = importlib.import_module("pclayer.scaled")
+    x = torch.randint(0, 3, (6, 8), generator=torch.Generator().manual_seed(2))
+    roots = {"hmm": pc.structures.hmm(8, 5, 3, homogeneous=False, seed=0),
+             "rat-spn": pc.structures.rat_spn(8, 3, 2, 2, 3, seed=0), "hclt": pc.structures.hclt(x, 3, 3, seed=0)}
+    for name, root in roots.items():
+        circuit = pc.compile(root)
+        plan = scaled._buffer_plan(circuit)
+        readers = {i: [j for j, layer in enumerate(circuit.layers) if j and i in layer.source_layers]
+                   for i in range(len(circuit.layers))}
+        for i in range(len(circuit.layers)):
+            for j in range(i):
+                if plan[j] == plan[i]:
+                    assert all(r < i for r in readers[j]), (name, i, j)
+                    assert j != circuit.root[0], name
+        if name == "hmm":
+            assert len(set(plan)) <= 4, plan

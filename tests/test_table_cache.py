@@ -113,14 +113,17 @@ def test_writes_through_data_need_clear_table_cache():
 def test_copies_and_pickles_do_not_carry_the_cache():
     circuit = _circuit()
     before = _cached(circuit)
-    assert "_table_cache" in circuit.__dict__
+    with torch.no_grad():
+        circuit.log_tables()
+    caches = ("_table_cache", "_linear_tables", "_scaled_workspaces")
+    assert all(name in circuit.__dict__ for name in caches)
     clone = copy.deepcopy(circuit)
-    assert "_table_cache" not in clone.__dict__
+    assert not any(name in clone.__dict__ for name in caches)
     buffer = io.BytesIO()
     torch.save(circuit, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
-    assert "_table_cache" not in loaded.__dict__
+    assert not any(name in loaded.__dict__ for name in caches)
     with torch.no_grad():
         next(iter(clone.params.values())).mul_(2.0)
     assert (_cached(clone) - before).abs().max() > 1e-2

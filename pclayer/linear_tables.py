@@ -1,0 +1,151 @@
+"""Normalised parameter tables for one evaluation, in log space and in linear space.
+
+The scaled linear-space program (:mod:`pclayer.scaled`) multiplies by probabilities, not
+log-probabilities. When no gradient can reach the parameters it reads them from a per-circuit
+:class:`LinearTableCache`: ``softmax`` of the raw parameters, computed once per parameter
+version straight into buffers that are reused across versions (a fresh multi-megabyte tensor
+costs page faults on every first touch), without the log-space tables, which are computed only
+if some layer needs them. Under autograd the linear tables are ``exp`` of the caller's
+differentiable log-tables, so gradients flow as in the log-space program.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+
+import torch
+
+
+class LinearTableCache:
+    """Per-circuit cache of linear tables, keyed on the raw tensors' versions.
+
+    Entries are recomputed when the raw parameter (or the mask of a sparse sum) changes:
+    version counter, storage, dtype, device, shape, or grad/inference mode of the call.
+    A recomputation writes into the previous entry's buffer when shape, dtype and device
+    agree. Evaluations running on other threads while parameters change read whatever the
+    buffer holds, exactly as they would read parameters changed under them.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[str, bool], tuple[tuple, torch.Tensor, float]] = {}
+        self.bank_views: dict[str, tuple[int, tuple[torch.Tensor, ...]]] = {}
+        self.lock = threading.Lock()
+
+    def bank_transposed(self, key: str, table: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per bank the (C, N) transposed view of the linear sum table ``table`` (banks, N, C) of
+        ``key``; built once per buffer (recomputations write into the same buffer)."""
+        entry = self.bank_views.get(key)
+        if entry is None or entry[0] != table.data_ptr() or entry[1][0].shape[::-1] != table.shape[1:]:
+            entry = (table.data_ptr(), tuple(bank.t() for bank in table.unbind(0)))
+            self.bank_views[key] = entry
+        return entry[1]
+
+    def get(self, circuit, key: str, rows_layout: bool) -> tuple[torch.Tensor, float]:
+        """``softmax`` of parameter ``key`` over its last axis (``exp`` of a fixed log-table),
+        and its smallest entry. For ``rows_layout`` a categorical table (banks, n, K) is
+        returned as (banks*K, n), so that one (bank, category) is one contiguous row."""
+        raw, mask = _raw_tensors(circuit, key)
+        stamp = tuple((t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape)) for t in (raw, mask) if t is not None)
+        stamp += (torch.is_inference_mode_enabled(),)
+        entry = self.entries.get((key, rows_layout))
+        if entry is not None and entry[0] == stamp:
+            return entry[1], entry[2]
+        with self.lock:
+            entry = self.entries.get((key, rows_layout))
+            if entry is None or entry[0] != stamp:
+                buffer = entry[1] if entry is not None else None
+                table = _normalise_into(raw, mask, key, rows_layout, buffer)
+                entry = (stamp, table, float(table.amin()) if table.numel() else 1.0)
+                self.entries[(key, rows_layout)] = entry
+        return entry[1], entry[2]
+
+
+def _raw_tensors(circuit, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The stored tensor behind table ``key`` (a parameter or a fixed log-table) and, for a
+    sparse sum, its mask of real children."""
+    if key in circuit.params:
+        raw = circuit.params[key]
+        return raw.detach(), getattr(circuit, f"fixed_{key}_mask") if key.startswith("sparse_") else None
+    return getattr(circuit, f"fixed_{key}"), None
+
+
+def _normalise_into(raw: torch.Tensor, mask: torch.Tensor | None, key: str, rows_layout: bool,
+                    buffer: torch.Tensor | None) -> torch.Tensor:
+    shape = (raw.shape[0] * raw.shape[2], raw.shape[1]) if rows_layout else tuple(raw.shape)
+    if buffer is None or tuple(buffer.shape) != shape or buffer.dtype != raw.dtype or buffer.device != raw.device:
+        buffer = raw.new_empty(shape)
+    if key.startswith("ind_"):  # fixed log indicator tables
+        source = raw.transpose(1, 2) if rows_layout else raw
+        torch.exp(source, out=buffer.view(source.shape))
+        return buffer
+    if rows_layout:  # softmax over the categories, written transposed: (banks, K, n)
+        banks, n, k = raw.shape
+        view = buffer.view(banks, k, n)
+        torch.sub(raw.transpose(1, 2), raw.amax(-1).unsqueeze(1), out=view)
+        view.exp_()
+        view.div_(view.sum(1, keepdim=True))
+        return buffer
+    logits = raw if mask is None else raw.masked_fill(~mask, -torch.inf)
+    torch.softmax(logits, dim=-1, out=buffer)
+    return buffer
+
+
+class TableSource:
+    """The normalised tables of one evaluation.
+
+    ``log`` is the mapping of :meth:`TensorCircuit.log_tables` (plus unbound per-bank views
+    under autograd), computed on first use; :meth:`linear` gives probabilities. Built either
+    from explicit (possibly differentiable) log-tables, or, with ``tables=None``, from the
+    circuit's caches (valid only when no gradient can reach the parameters)."""
+
+    def __init__(self, circuit, tables: Mapping | None):
+        self.circuit = circuit
+        self.cached = tables is None
+        self._log = None if tables is None else tables
+        self._memo: dict[tuple[str, bool], tuple[torch.Tensor, float]] = {}
+
+    @property
+    def log(self) -> Mapping:
+        if self._log is None:
+            self._log = self.circuit.log_tables()
+        return self._log
+
+    def raw_numel(self, key: str) -> int:
+        """Number of entries of table ``key``."""
+        return _raw_tensors(self.circuit, key)[0].numel()
+
+    def linear(self, key: str, rows_layout: bool = False) -> tuple[torch.Tensor, float]:
+        """Probabilities of table ``key`` (see :meth:`LinearTableCache.get` for ``rows_layout``)
+        and their smallest entry (a float; measured only where no gradient flows)."""
+        found = self._memo.get((key, rows_layout))
+        if found is not None:
+            return found
+        if self.cached:
+            found = _cache_of(self.circuit).get(self.circuit, key, rows_layout)
+        else:
+            found = self._exp_of_log(key, rows_layout)
+        self._memo[(key, rows_layout)] = found
+        return found
+
+    def bank_transposed(self, key: str, bank: int) -> torch.Tensor:
+        """(C, N) probabilities of bank ``bank`` of the sum table ``key``, transposed (a view;
+        from the caches only)."""
+        table, _ = self.linear(key)
+        return _cache_of(self.circuit).bank_transposed(key, table)[bank]
+
+    def _exp_of_log(self, key: str, rows_layout: bool) -> tuple[torch.Tensor, float]:
+        table = self.log[key]
+        linear = torch.exp(table)
+        if rows_layout:
+            banks, n, k = linear.shape
+            linear = linear.transpose(1, 2).reshape(banks * k, n)
+        low = float(linear.detach().amin()) if linear.numel() else 1.0
+        return linear, low
+
+
+def _cache_of(circuit) -> LinearTableCache:
+    cache = circuit.__dict__.get("_linear_tables")
+    if cache is None:
+        cache = circuit.__dict__.setdefault("_linear_tables", LinearTableCache())
+    return cache
