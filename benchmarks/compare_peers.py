@@ -7,18 +7,23 @@ libraries round by round so machine load hits all of them alike, and reports med
 * forward (log-likelihood of a batch, no gradient),
 * forward+backward (gradient of the summed log-likelihood w.r.t. all parameters),
 * one EM step (flows + M-step; for pclayer ``pclayer.learn.MiniBatchEM``, for cirkit its
-  ``EM`` optimizer),
+  ``EM`` optimizer, for SPFlow ``expectation_maximization(max_steps=1)``; SparC has no EM, so
+  its cell times its projected-gradient ascent step and says so),
 * the peak resident memory (VmHWM) of a fresh process that builds the circuit and runs
   forward+backward (includes the ~0.3 GB of importing torch).
 
-Where parameters can be matched (the inhomogeneous HMM: pclayer and cirkit get the same
-initial, transition and emission tables) it checks that the log-likelihoods agree.
+Where parameters can be matched (the inhomogeneous HMM: pclayer, cirkit, SPFlow and SparC get
+the same initial, transition and emission tables) it checks that the log-likelihoods agree.
+SPFlow runs the HMM only; SparC (float64, about a second per forward) the HMM, its HCLT and,
+as the CP tree, its RAT-SPN; it has no row for the cross-product RAT-SPN.
 It also times the bare matrix products a HMM forward needs (the roofline reference).
 
 Writes ``RESULTS_DIR/peers.md`` (markdown table with machine, versions, load) and
 ``RESULTS_DIR/peers_*.png``. A peer that is not installed is skipped with a note.
 
-Usage (peers live in their own venv, see docs/performance.md)::
+Installing the peers: in their own venv (libcirkit pins scipy and downgrades numpy), torch
+first, then ``pip install libcirkit spflow sparc-pc`` and pclayer editable; see
+docs/performance.md. Usage::
 
     /work/peers-venv/bin/python benchmarks/compare_peers.py --threads 2 --repeats 7
 """
@@ -330,8 +335,9 @@ def sparc_runners(sizes: Sizes, x: torch.Tensor, hmm_tables, structures: list[st
         out.append(runner("cp-tree", RAT_SPN(sizes.num_vars, sizes.cp_units, depth, 1, num_cats=sizes.num_cats,
                                              seed=0)))
     notes = ["sparc: float64; no EM, so its EM cell times one projected-gradient ascent step "
-             "(mean_log_likelihood_and_grad + sparc.optim.apply_grads + refresh_parameters); "
-             "its cp-tree is RAT_SPN with index-aligned products (one extra top sum)"]
+             "(mean_log_likelihood_and_grad + sparc.optim.apply_grads + refresh_parameters)"]
+    if "cp-tree" in structures:
+        notes.append("sparc: its cp-tree is RAT_SPN with index-aligned products (one extra sum at the top)")
     if "rat-spn" in structures:
         notes.append("sparc: no rat-spn row (its RAT_SPN has no cross-product regions to match cirkit's tucker layers)")
     if out:

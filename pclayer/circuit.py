@@ -147,16 +147,23 @@ class TensorCircuit(nn.Module):
         return values[layer][:, index]
 
     def root_log_value(self, x: torch.Tensor, missing: torch.Tensor | None, evidence: torch.Tensor | None,
-                       tables: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                       tables: dict[str, torch.Tensor] | None = None, *,
+                       constant_parameters: bool = False) -> torch.Tensor:
         """(B,) root log-values (log-sum semiring) on validated inputs: computed in scaled linear
-        space (:mod:`pclayer.scaled`) where that is exact, else by :meth:`layer_values`."""
-        if tables is None and self._tables_cacheable():
+        space (:mod:`pclayer.scaled`) where that is exact, else by :meth:`layer_values`.
+
+        ``constant_parameters``: read the parameters as constants (from the table caches) even
+        when gradients are enabled, for gradients with respect to the evidence only."""
+        cached = tables is None and (self._tables_cacheable() or (constant_parameters and not torch.is_inference_mode_enabled()))
+        if cached:
             source = TableSource(self, None)  # linear tables straight from the parameters
         else:
             tables = self.log_tables() if tables is None else tables
             source = TableSource(self, self._with_bank_views(tables))
         value = scaled_root_value(self, source, x, missing, evidence)
-        return self.root_value(self.layer_values(x, missing, evidence, tables=tables)) if value is None else value
+        if value is not None:
+            return value
+        return self.root_value(self.layer_values(x, missing, evidence, tables=source.log))
 
     def _with_bank_views(self, tables: dict[str, torch.Tensor]) -> dict:
         """``tables`` plus, when gradients flow, an unbound view (key, bank) per bank of the

@@ -108,7 +108,8 @@ class TableSource:
     @property
     def log(self) -> Mapping:
         if self._log is None:
-            self._log = self.circuit.log_tables()
+            with torch.no_grad():  # cached tables are constants
+                self._log = self.circuit.log_tables()
         return self._log
 
     def raw_numel(self, key: str) -> int:

@@ -72,13 +72,20 @@ class _Workspace:
         ``layer`` (valid until the last layer that reads it has run), or None when disabled."""
         if self.buffers is None:
             return None
+        view = self.buffers.get((layer, shape))  # the view handed out last time
+        if view is not None and view.dtype == like.dtype:
+            return view
         slot = self.plan[layer]
         numel = math.prod(shape)
         buffer = self.buffers.get(slot)
         if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype:
             buffer = like.new_empty(numel)
             self.buffers[slot] = buffer
-        return buffer[:numel].view(shape)
+            for key in [key for key in self.buffers if isinstance(key, tuple) and self.plan[key[0]] == slot]:
+                del self.buffers[key]  # views of the replaced buffer
+        view = buffer[:numel].view(shape)
+        self.buffers[(layer, shape)] = view
+        return view
 
 
 def _buffer_plan(circuit) -> list[int]:
@@ -157,15 +164,17 @@ def _checked(p: torch.Tensor, c: torch.Tensor | None, low: float, owned: bool = 
     Every factor of a product and every term of a sum is at most 1, so an entry at least the
     floor had no partial result underflow (products) or only dropped terms far below its own
     precision (sums): the guarantee :func:`pclayer.ops.log_matmul_exp.log_matmul_exp` checks.
-    ``owned``: ``p`` is a workspace buffer of this layer, so it may be divided in place."""
+    ``owned``: ``p`` is a workspace buffer of this layer, so it may be divided in place. The
+    returned bound is measured after renormalising."""
     floor, renormalise_below = SAFE_FLOOR[p.dtype], _RENORMALISE_BELOW[p.dtype]
     if low < renormalise_below and p.numel():
         low = float(p.detach().amin())
         if not low >= floor:  # also catches NaN
             return None
         if low < renormalise_below:
-            top = p.detach().amax(1, keepdim=True)
-            return _Scaled(p.div_(top) if owned else p / top, _add_scales(c, top.log()), low)
+            row_max = p.detach().amax(1, keepdim=True)
+            low = float((p.detach().amin(1, keepdim=True) / row_max).min())
+            return _Scaled(p.div_(row_max) if owned else p / row_max, _add_scales(c, row_max.log()), low)
     return _Scaled(p, c, low)
 
 
@@ -213,20 +222,41 @@ def _multiply(parts: list[torch.Tensor], out: torch.Tensor | None = None) -> tor
     return result
 
 
+def _running_product(parts: list[torch.Tensor], scales: list[torch.Tensor | None], lows: list[float],
+                     workspace: _Workspace, slot: int) -> _Scaled | None:
+    """Elementwise product of (B, n) factors with scales and lower bounds, multiplied one by
+    one into the layer's buffer; the running product is checked (and its rows renormalised)
+    before a factor could take its proven bound below the renormalisation threshold, so
+    products of many factors (HCLT) need no second pass. None when an entry falls below
+    the floor."""
+    if len(parts) == 1:
+        return _Scaled(parts[0], scales[0], lows[0])
+    renormalise_below = _RENORMALISE_BELOW[parts[0].dtype]
+    out = workspace.take(slot, parts[0].shape, parts[0])
+    result = torch.mul(parts[0], parts[1], out=out)
+    scale, low = _add_scales(scales[0], scales[1]), lows[0] * lows[1]
+    for part, part_scale, part_low in zip(parts[2:], scales[2:], lows[2:]):
+        if low * part_low < renormalise_below:
+            checked = _checked(result, scale, low, owned=True)
+            if checked is None:
+                return None
+            result, scale, low = checked.p, checked.c, checked.low
+        result = result.mul_(part)
+        scale, low = _add_scales(scale, part_scale), low * part_low
+    return _checked(result, scale, low, owned=True)
+
+
 def _product(layer: ProductLayer, outputs: _Outputs, workspace: _Workspace, slot: int) -> _Scaled | None:
     if layer.column_reads is not None:
         parts = [read_columns(outputs.probs, *read) for read in layer.column_reads]
-        scale, low = None, 1.0
-        for source, _, _ in layer.column_reads:
-            scale = _add_scales(scale, outputs.scales[source])
-            low *= outputs.lows[source]
-        out = workspace.take(slot, parts[0].shape, parts[0]) if len(parts) > 1 else None
-        result = _checked(_multiply(parts, out), scale, low, owned=out is not None)
+        result = _running_product(parts, [outputs.scales[s] for s, _, _ in layer.column_reads],
+                                  [outputs.lows[s] for s, _, _ in layer.column_reads], workspace, slot)
         if result is None:  # small factors: bring each factor's largest entry per row to 1 first
             tops = [part.detach().amax(1, keepdim=True) for part in parts]
             tops = [torch.where(top > 0, top, torch.ones_like(top)) for top in tops]
-            for top in tops:
-                scale = _add_scales(scale, top.log())
+            scale = None
+            for (source, _, _), top in zip(layer.column_reads, tops):
+                scale = _add_scales(_add_scales(scale, outputs.scales[source]), top.log())
             result = _checked(_multiply([part / top for part, top in zip(parts, tops)]), scale, 0.0)
         return result
     if layer.padded:  # a padded child would need the factor exp(-c): left to the log-space program
@@ -290,14 +320,14 @@ def _cross_product_sum(product: ProductLayer, layer: SumLayer, outputs: _Outputs
     # group-major factors (G, B, S): each chunk of groups is contiguous and is the batch of a bmm
     a = z.index_select(1, product.outer_left).view(batch, groups, left).transpose(0, 1).contiguous().unsqueeze(-1)
     b = z.index_select(1, product.outer_right).view(batch, groups, right).transpose(0, 1).contiguous().unsqueeze(-2)
-    w = _dense_weights(layer, 0, source)  # (G|1, left*right, N)
+    w = _dense_weights(layer, 0, source)  # (left*right, N) or (G, left*right, N)
     step = max(1, _FUSED_CHUNK_ELEMENTS // max(batch * left * right, 1))
     sums = []
     for g0 in range(0, groups, step):
         g1 = min(groups, g0 + step)
         x = (a[g0:g1] * b[g0:g1]).view(g1 - g0, batch, left * right)
-        if w.shape[0] == 1:
-            sums.append((x.view(-1, left * right) @ w[0]).view(g1 - g0, batch, -1))
+        if w.dim() == 2:
+            sums.append((x.view(-1, left * right) @ w).view(g1 - g0, batch, -1))
         else:
             sums.append(torch.bmm(x, w[g0:g1]))
     s = (sums[0] if len(sums) == 1 else torch.cat(sums, dim=0)).transpose(0, 1)  # (B, G, N)
@@ -305,39 +335,50 @@ def _cross_product_sum(product: ProductLayer, layer: SumLayer, outputs: _Outputs
 
 
 def _dense_weights(layer: SumLayer, i: int, source: TableSource) -> torch.Tensor:
-    """(G|1, C, N) linear weights of dense bucket ``i`` of ``layer``, transposed for ``x @ w``."""
+    """Linear weights of dense bucket ``i`` of ``layer``, transposed for ``x @ w``: (C, N) when
+    every group uses one bank, else (G, C, N)."""
     spec = layer.dense[i]
     if not source.cached:  # exp of the (bank views of the) log-tables, so gradients flow per bank
-        return torch.exp(layer._dense_logw(i, source.log, True)).transpose(1, 2)
+        w = torch.exp(layer._dense_logw(i, source.log, True)).transpose(1, 2)
+        return w[0] if spec["shared"] is not None else w
     if spec["shared"] is not None:
-        return source.bank_transposed(spec["key"], spec["shared"]).unsqueeze(0)
+        return source.bank_transposed(spec["key"], spec["shared"])
     linear, _ = source.linear(spec["key"])
     return layer._dense_logw(i, {spec["key"]: linear}, True).transpose(1, 2)
 
 
+def _dense_sum(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """(B, G*N) sums of one dense bucket: inputs ``x`` (B, G, C), weights ``w`` from
+    :func:`_dense_weights`; ``out`` an optional (B, G*N) buffer to write into."""
+    b, g, c = x.shape
+    if w.dim() == 2:
+        return torch.mm(x.reshape(b * g, c) if g > 1 else x.view(b, c), w,
+                        out=None if out is None else out.view(b * g, w.shape[1])).view(b, g * w.shape[1])
+    n = w.shape[2]
+    if out is None:
+        return torch.bmm(x.transpose(0, 1), w).transpose(0, 1).reshape(b, g * n)
+    for group in range(g):  # one product per group, written straight into its column block
+        torch.mm(x[:, group], w[group], out=out[:, group * n:(group + 1) * n])
+    return out
+
+
 def _sum(layer: SumLayer, outputs: _Outputs, source: TableSource, workspace: _Workspace, slot: int) -> _Scaled | None:
     z, common, low = _gather(layer, outputs)
-    outs = []
-    alone = len(layer.dense) == 1 and not layer.sparse  # the matrix product is the layer output
-    owned = False
-    for i in range(len(layer.dense)):
-        x = layer._dense_inputs(i, z)
-        w = _dense_weights(layer, i, source)
-        b, g, c = x.shape
-        if w.shape[0] == 1:
-            out = workspace.take(slot, (b * g, w.shape[2]), x) if alone else None
-            s = torch.mm(x.reshape(b * g, c), w[0], out=out).view(b, g * w.shape[2])
-            owned = out is not None
-        else:
-            s = torch.bmm(x.transpose(0, 1), w).transpose(0, 1).reshape(b, -1)
-        outs.append(s)
-    if layer.sparse:
-        zp = torch.cat([z, z.new_zeros(z.shape[0], 1)], dim=1)
-        for i, spec in enumerate(layer.sparse):
-            children = getattr(layer, f"sparse_children_{i}")
-            a = zp.index_select(1, children.reshape(-1)).view(z.shape[0], *children.shape)
-            outs.append((a * source.linear(spec["key"])[0]).sum(-1))
-    s = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    if len(layer.dense) == 1 and not layer.sparse:  # the matrix product is the layer output
+        x, w = layer._dense_inputs(0, z), _dense_weights(layer, 0, source)
+        out = workspace.take(slot, (x.shape[0], x.shape[1] * w.shape[-1]), z)
+        s = _dense_sum(x, w, out)
+        owned = out is not None
+    else:
+        outs = [_dense_sum(layer._dense_inputs(i, z), _dense_weights(layer, i, source), None)
+                for i in range(len(layer.dense))]
+        if layer.sparse:
+            zp = torch.cat([z, z.new_zeros(z.shape[0], 1)], dim=1)
+            for i, spec in enumerate(layer.sparse):
+                children = getattr(layer, f"sparse_children_{i}")
+                a = zp.index_select(1, children.reshape(-1)).view(z.shape[0], *children.shape)
+                outs.append((a * source.linear(spec["key"])[0]).sum(-1))
+        s, owned = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1), False
     # every sum is a convex combination of its children (normalised weights), so it is at least
     # their smallest entry; the slack covers rounding of the weights and of the product
     return _checked(s, common, low * _CONVEX_SLACK, owned=owned)

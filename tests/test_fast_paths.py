@@ -291,3 +291,40 @@ def test_buffer_plan_never_reuses_a_buffer_that_is_still_read():
                     assert j != circuit.root[0], name
         if name == "hmm":
             assert len(set(plan)) <= 4, plan
+
+
+def test_product_of_small_factors_is_renormalised_factor_by_factor():
+    """A product whose running product would fall below the floor (a factor of entries near
+    2e-10 times a renormalised factor holding 1e-25) is redone with every factor brought to
+    a row maximum of 1 first: the scaled path still accepts and equals the log-space program."""
+    flat = torch.tensor([[2e-10, 1 - 2e-10]] * 2, dtype=torch.float64)  # both nodes: p(0) = 2e-10
+    peaked = torch.tensor([[1 - 1e-25, 1e-25], [1e-25, 1 - 1e-25]], dtype=torch.float64)
+    a = pc.inputs(0, 2, pc.Categorical(2), params={"probs": flat})
+    b = pc.inputs(1, 2, pc.Categorical(2), params={"probs": peaked})
+    root = pc.summate(pc.multiply(a, b), num_nodes=1)
+    circuit = pc.compile(root, dtype=torch.float32)
+    x = torch.tensor([[0, 0], [0, 1], [1, 0]])
+    ev = prepare(circuit, x, None, None)
+    with torch.no_grad():
+        scaled = scaled_root_value(circuit, TableSource(circuit, None), ev.x, None, None)
+        expected = circuit.root_value(circuit.layer_values(x, None, None))
+    assert scaled is not None
+    torch.testing.assert_close(scaled, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("structure", ["hmm", "rat-spn", "hclt"])
+def test_no_grad_scaled_path_matches_log_space_program_on_benchmark_structures(structure):
+    """The no-grad path (cached linear tables, workspace buffers, per-group products written
+    into column blocks) on the benchmark structures equals the log-space program."""
+    x = torch.randint(0, 3, (6, 8), generator=torch.Generator().manual_seed(2))
+    roots = {"hmm": lambda: pc.structures.hmm(8, 5, 3, homogeneous=False, seed=0),
+             "rat-spn": lambda: pc.structures.rat_spn(8, 3, 2, 2, 3, seed=0),
+             "hclt": lambda: pc.structures.hclt(x, 3, 3, seed=0)}
+    circuit = pc.compile(roots[structure](), dtype=torch.float64)
+    ev = prepare(circuit, x, None, None)
+    with torch.no_grad():
+        for _ in range(2):  # the second call reuses the buffers
+            scaled = scaled_root_value(circuit, TableSource(circuit, None), ev.x, None, None)
+            assert scaled is not None
+            torch.testing.assert_close(scaled, circuit.root_value(circuit.layer_values(x, None, None)),
+                                       rtol=1e-12, atol=1e-12)

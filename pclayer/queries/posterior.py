@@ -29,31 +29,30 @@ def posterior(circuit, x: torch.Tensor, missing: torch.Tensor | None = None,
     if circuit.has_gaussian:
         raise ValueError("circuit: posterior is defined for discrete variables only; this circuit has Gaussian variables")
     ev = prepare(circuit, x, missing, soft_evidence)
-    with torch.no_grad():
-        tables = circuit.log_tables()  # the posterior is not differentiable: no parameter gradients
     evidence = ev.soft_evidence
     if isinstance(evidence, TopKEvidence):
         free_missing = evidence.free is not None and ev.missing is not None and bool((evidence.free & ev.missing).any())
         if not free_missing:
-            return _topk_posterior(circuit, ev, evidence, tables)
+            return _topk_posterior(circuit, ev, evidence)
         evidence = evidence.to_dense(circuit.num_cats)
     weights = evidence if evidence is not None else torch.zeros(
         x.shape[0], circuit.num_vars, circuit.num_cats, dtype=circuit.dtype, device=circuit.device)
     weights = weights.detach().requires_grad_(True)
     with torch.enable_grad():
-        log_z = circuit.root_value(circuit.layer_values(ev.x, ev.missing, weights, tables=tables))
+        # the posterior is not differentiable: the parameters are constants
+        log_z = circuit.root_log_value(ev.x, ev.missing, weights, constant_parameters=True)
         require_positive(log_z.detach(), "posterior")
         (grad,) = torch.autograd.grad(log_z.sum(), weights)
     return grad
 
 
-def _topk_posterior(circuit, ev: Evidence, evidence: TopKEvidence, tables: dict[str, torch.Tensor]) -> torch.Tensor:
+def _topk_posterior(circuit, ev: Evidence, evidence: TopKEvidence) -> torch.Tensor:
     """Posterior under top-k evidence whose free variables are all observed: the gradient of
     ``log Z`` w.r.t. the candidate weights, scattered; one-hot at observed variables."""
     values = evidence.values.detach().requires_grad_(True)
     sparse = TopKEvidence(values, evidence.indices, evidence.free)
     with torch.enable_grad():
-        log_z = circuit.root_value(circuit.layer_values(ev.x, ev.missing, sparse, tables=tables))
+        log_z = circuit.root_log_value(ev.x, ev.missing, sparse, constant_parameters=True)
         require_positive(log_z.detach(), "posterior")
         (grad,) = torch.autograd.grad(log_z.sum(), values)
     batch = ev.x.shape[0]
