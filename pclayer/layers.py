@@ -411,7 +411,8 @@ class SumLayer(_GatherMixin):
             shared = int(bank[0]) if bool((bank == bank[0]).all()) else None
             groups, child_count = bucket["children"].shape
             self.dense.append({"key": bucket["key"], "shared": shared, "groups": groups, "child_count": child_count,
-                               "start": _contiguous_start(bucket["children"].reshape(-1))})
+                               "start": _contiguous_start(bucket["children"].reshape(-1)),
+                               "bank_start": _contiguous_start(bank)})
         self.sparse = []
         for i, bucket in enumerate(spec["sparse"]):
             _register(self, f"sparse_children_{i}", bucket["children"])

@@ -29,36 +29,48 @@ class LinearTableCache:
 
     def __init__(self) -> None:
         self.entries: dict[tuple[str, bool], tuple[tuple, torch.Tensor, float]] = {}
-        self.bank_views: dict[str, tuple[int, tuple[torch.Tensor, ...]]] = {}
+        self.scratch: torch.Tensor | None = None  # natural-layout softmax before a transposed copy
         self.lock = threading.Lock()
 
-    def bank_transposed(self, key: str, table: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Per bank the (C, N) transposed view of the linear sum table ``table`` (banks, N, C) of
-        ``key``; built once per buffer (recomputations write into the same buffer)."""
-        entry = self.bank_views.get(key)
-        if entry is None or entry[0] != table.data_ptr() or entry[1][0].shape[::-1] != table.shape[1:]:
-            entry = (table.data_ptr(), tuple(bank.t() for bank in table.unbind(0)))
-            self.bank_views[key] = entry
-        return entry[1]
-
-    def get(self, circuit, key: str, rows_layout: bool) -> tuple[torch.Tensor, float]:
+    def get(self, circuit, key: str, transposed: bool) -> tuple[torch.Tensor, float]:
         """``softmax`` of parameter ``key`` over its last axis (``exp`` of a fixed log-table),
-        and its smallest entry. For ``rows_layout`` a categorical table (banks, n, K) is
-        returned as (banks*K, n), so that one (bank, category) is one contiguous row."""
+        and its smallest entry. ``transposed``: a 3-d table (banks, R, C) is stored as the
+        contiguous (banks, C, R), so that one (bank, category) of a categorical table is one
+        contiguous row."""
         raw, mask = _raw_tensors(circuit, key)
         stamp = tuple((t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape)) for t in (raw, mask) if t is not None)
         stamp += (torch.is_inference_mode_enabled(),)
-        entry = self.entries.get((key, rows_layout))
+        entry = self.entries.get((key, transposed))
         if entry is not None and entry[0] == stamp:
             return entry[1], entry[2]
         with self.lock:
-            entry = self.entries.get((key, rows_layout))
+            entry = self.entries.get((key, transposed))
             if entry is None or entry[0] != stamp:
                 buffer = entry[1] if entry is not None else None
-                table = _normalise_into(raw, mask, key, rows_layout, buffer)
+                table = self._normalise_into(raw, mask, key, transposed, buffer)
                 entry = (stamp, table, float(table.amin()) if table.numel() else 1.0)
-                self.entries[(key, rows_layout)] = entry
+                self.entries[(key, transposed)] = entry
         return entry[1], entry[2]
+
+    def _normalise_into(self, raw: torch.Tensor, mask: torch.Tensor | None, key: str, transposed: bool,
+                        buffer: torch.Tensor | None) -> torch.Tensor:
+        """Write the linear table into ``buffer`` (or a new tensor when its shape, dtype or device
+        differ) and return it. A transposed table is normalised in its natural layout (fused,
+        vectorised softmax) into a scratch buffer reused across keys, then copied transposed."""
+        shape = (raw.shape[0], raw.shape[2], raw.shape[1]) if transposed else tuple(raw.shape)
+        if buffer is None or tuple(buffer.shape) != shape or buffer.dtype != raw.dtype or buffer.device != raw.device:
+            buffer = raw.new_empty(shape)
+        if key.startswith("ind_"):  # fixed log indicator tables
+            torch.exp(raw.transpose(1, 2) if transposed else raw, out=buffer)
+            return buffer
+        logits = raw if mask is None else raw.masked_fill(~mask, -torch.inf)
+        if not transposed:
+            return torch.softmax(logits, dim=-1, out=buffer)
+        scratch = self.scratch
+        if scratch is None or scratch.numel() < raw.numel() or scratch.dtype != raw.dtype or scratch.device != raw.device:
+            scratch = self.scratch = raw.new_empty(raw.numel())
+        natural = torch.softmax(logits, dim=-1, out=scratch[:raw.numel()].view(raw.shape))
+        return buffer.copy_(natural.transpose(1, 2))
 
 
 def _raw_tensors(circuit, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -68,27 +80,6 @@ def _raw_tensors(circuit, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         raw = circuit.params[key]
         return raw.detach(), getattr(circuit, f"fixed_{key}_mask") if key.startswith("sparse_") else None
     return getattr(circuit, f"fixed_{key}"), None
-
-
-def _normalise_into(raw: torch.Tensor, mask: torch.Tensor | None, key: str, rows_layout: bool,
-                    buffer: torch.Tensor | None) -> torch.Tensor:
-    shape = (raw.shape[0] * raw.shape[2], raw.shape[1]) if rows_layout else tuple(raw.shape)
-    if buffer is None or tuple(buffer.shape) != shape or buffer.dtype != raw.dtype or buffer.device != raw.device:
-        buffer = raw.new_empty(shape)
-    if key.startswith("ind_"):  # fixed log indicator tables
-        source = raw.transpose(1, 2) if rows_layout else raw
-        torch.exp(source, out=buffer.view(source.shape))
-        return buffer
-    if rows_layout:  # softmax over the categories, written transposed: (banks, K, n)
-        banks, n, k = raw.shape
-        view = buffer.view(banks, k, n)
-        torch.sub(raw.transpose(1, 2), raw.amax(-1).unsqueeze(1), out=view)
-        view.exp_()
-        view.div_(view.sum(1, keepdim=True))
-        return buffer
-    logits = raw if mask is None else raw.masked_fill(~mask, -torch.inf)
-    torch.softmax(logits, dim=-1, out=buffer)
-    return buffer
 
 
 class TableSource:
@@ -104,6 +95,7 @@ class TableSource:
         self.cached = tables is None
         self._log = None if tables is None else tables
         self._memo: dict[tuple[str, bool], tuple[torch.Tensor, float]] = {}
+        self._banks: dict[str, tuple[torch.Tensor, ...]] = {}
 
     @property
     def log(self) -> Mapping:
@@ -116,33 +108,28 @@ class TableSource:
         """Number of entries of table ``key``."""
         return _raw_tensors(self.circuit, key)[0].numel()
 
-    def linear(self, key: str, rows_layout: bool = False) -> tuple[torch.Tensor, float]:
-        """Probabilities of table ``key`` (see :meth:`LinearTableCache.get` for ``rows_layout``)
+    def linear(self, key: str, transposed: bool = False) -> tuple[torch.Tensor, float]:
+        """Probabilities of table ``key`` (see :meth:`LinearTableCache.get` for ``transposed``)
         and their smallest entry (a float; measured only where no gradient flows)."""
-        found = self._memo.get((key, rows_layout))
+        found = self._memo.get((key, transposed))
         if found is not None:
             return found
         if self.cached:
-            found = _cache_of(self.circuit).get(self.circuit, key, rows_layout)
+            found = _cache_of(self.circuit).get(self.circuit, key, transposed)
         else:
-            found = self._exp_of_log(key, rows_layout)
-        self._memo[(key, rows_layout)] = found
+            table = self.log[key]
+            linear = torch.exp(table.transpose(1, 2)).contiguous() if transposed else torch.exp(table)
+            found = (linear, float(linear.detach().amin()) if linear.numel() else 1.0)
+        self._memo[(key, transposed)] = found
         return found
 
-    def bank_transposed(self, key: str, bank: int) -> torch.Tensor:
-        """(C, N) probabilities of bank ``bank`` of the sum table ``key``, transposed (a view;
-        from the caches only)."""
-        table, _ = self.linear(key)
-        return _cache_of(self.circuit).bank_transposed(key, table)[bank]
-
-    def _exp_of_log(self, key: str, rows_layout: bool) -> tuple[torch.Tensor, float]:
-        table = self.log[key]
-        linear = torch.exp(table)
-        if rows_layout:
-            banks, n, k = linear.shape
-            linear = linear.transpose(1, 2).reshape(banks * k, n)
-        low = float(linear.detach().amin()) if linear.numel() else 1.0
-        return linear, low
+    def bank_weights(self, key: str, bank: int) -> torch.Tensor:
+        """(C, N) probabilities of bank ``bank`` of the sum table ``key`` (banks, N, C), a
+        transposed view for ``x @ w`` (from the caches only)."""
+        banks = self._banks.get(key)
+        if banks is None:
+            banks = self._banks[key] = tuple(table.t() for table in self.linear(key)[0].unbind(0))
+        return banks[bank]
 
 
 def _cache_of(circuit) -> LinearTableCache:

@@ -67,6 +67,19 @@ class _Workspace:
             per_thread[threading.get_ident()] = entry
         return cls(entry[1], _buffer_plan(circuit))
 
+    def scratch(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
+        """An uninitialised (shape) buffer of ``like``'s dtype and device for temporaries that
+        live within one layer's computation (shared by every layer that asks for ``name``),
+        or None when disabled."""
+        if self.buffers is None:
+            return None
+        numel = math.prod(shape)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype:
+            buffer = like.new_empty(numel)
+            self.buffers[name] = buffer
+        return buffer[:numel].view(shape)
+
     def take(self, layer: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
         """An uninitialised (shape) buffer of ``like``'s dtype and device for the output of
         ``layer`` (valid until the last layer that reads it has run), or None when disabled."""
@@ -307,31 +320,56 @@ def _fusable_cross_products(circuit) -> set[int]:
     return fusable
 
 
-def _cross_product_sum(product: ProductLayer, layer: SumLayer, outputs: _Outputs, source: TableSource) -> _Scaled | None:
-    """The sum layer over a cross-product layer without materialising all cross products:
-    per chunk of groups ``(a (x) b)`` then its matrix product with the weights. None when the
-    factors' lower bound cannot prove that no cross product underflows (then both layers run
-    separately)."""
+def _cross_product_sum(product: ProductLayer, layer: SumLayer, outputs: _Outputs, source: TableSource,
+                       workspace: _Workspace, slot: int) -> _Scaled | None:
+    """The sum layer ``slot`` over a cross-product layer without materialising all cross
+    products: per chunk of groups ``(a (x) b)`` then its matrix product with the weights, in
+    scratch buffers of the workspace when there is one. None when the factors' lower bound
+    cannot prove that no cross product underflows (then both layers run separately)."""
     z, common, low = _gather(product, outputs)
     if not low * low >= SAFE_FLOOR[z.dtype]:
         return None
     groups, left, right = product.outer[0].shape[0], product.outer[0].shape[1], product.outer[1].shape[1]
     batch = z.shape[0]
     # group-major factors (G, B, S): each chunk of groups is contiguous and is the batch of a bmm
-    a = z.index_select(1, product.outer_left).view(batch, groups, left).transpose(0, 1).contiguous().unsqueeze(-1)
-    b = z.index_select(1, product.outer_right).view(batch, groups, right).transpose(0, 1).contiguous().unsqueeze(-2)
+    a = _group_major(z, product.outer_left, groups, workspace, "left").unsqueeze(-1)
+    b = _group_major(z, product.outer_right, groups, workspace, "right").unsqueeze(-2)
     w = _dense_weights(layer, 0, source)  # (left*right, N) or (G, left*right, N)
-    step = max(1, _FUSED_CHUNK_ELEMENTS // max(batch * left * right, 1))
-    sums = []
+    n = w.shape[-1]
+    step = min(groups, max(1, _FUSED_CHUNK_ELEMENTS // max(batch * left * right, 1)))
+    crosses = workspace.scratch("crosses", (step, batch, left, right), z)
+    sums = workspace.scratch("sums", (groups, batch, n), z)
+    chunks = []
     for g0 in range(0, groups, step):
         g1 = min(groups, g0 + step)
-        x = (a[g0:g1] * b[g0:g1]).view(g1 - g0, batch, left * right)
+        x = torch.mul(a[g0:g1], b[g0:g1], out=None if crosses is None else crosses[:g1 - g0])
+        x = x.view(g1 - g0, batch, left * right)
+        out = None if sums is None else sums[g0:g1]
         if w.dim() == 2:
-            sums.append((x.view(-1, left * right) @ w).view(g1 - g0, batch, -1))
+            chunk = torch.mm(x.view(-1, left * right), w, out=None if out is None else out.view(-1, n))
+            chunks.append(chunk.view(g1 - g0, batch, n))
         else:
-            sums.append(torch.bmm(x, w[g0:g1]))
-    s = (sums[0] if len(sums) == 1 else torch.cat(sums, dim=0)).transpose(0, 1)  # (B, G, N)
-    return _checked(s.reshape(batch, -1), None if common is None else common * 2, 0.0)
+            chunks.append(torch.bmm(x, w[g0:g1], out=out))
+    s = sums if sums is not None else (chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=0))
+    result = workspace.take(slot, (batch, groups * n), z)
+    if result is None:
+        result = s.transpose(0, 1).reshape(batch, groups * n)
+    else:
+        result.view(batch, groups, n).copy_(s.transpose(0, 1))
+    # each sum is a convex combination of cross products, which are at least low * low
+    return _checked(result, None if common is None else common * 2, low * low * _CONVEX_SLACK,
+                    owned=workspace.buffers is not None)
+
+
+def _group_major(z: torch.Tensor, index: torch.Tensor, groups: int, workspace: _Workspace, name: str) -> torch.Tensor:
+    """(G, B, S) contiguous copy of the columns ``index`` (G*S,) of ``z`` (B, M), read group by group."""
+    batch, size = z.shape[0], index.numel() // groups
+    picked = workspace.scratch(name + "-picked", (batch, index.numel()), z)
+    picked = torch.index_select(z, 1, index, out=picked)
+    out = workspace.scratch(name, (groups, batch, size), z)
+    if out is None:
+        return picked.view(batch, groups, size).transpose(0, 1).contiguous()
+    return out.copy_(picked.view(batch, groups, size).transpose(0, 1))
 
 
 def _dense_weights(layer: SumLayer, i: int, source: TableSource) -> torch.Tensor:
@@ -342,9 +380,11 @@ def _dense_weights(layer: SumLayer, i: int, source: TableSource) -> torch.Tensor
         w = torch.exp(layer._dense_logw(i, source.log, True)).transpose(1, 2)
         return w[0] if spec["shared"] is not None else w
     if spec["shared"] is not None:
-        return source.bank_transposed(spec["key"], spec["shared"])
-    linear, _ = source.linear(spec["key"])
-    return layer._dense_logw(i, {spec["key"]: linear}, True).transpose(1, 2)
+        return source.bank_weights(spec["key"], spec["shared"])
+    linear, _ = source.linear(spec["key"])  # (banks, N, C)
+    if spec["bank_start"] is not None:
+        return linear.narrow(0, spec["bank_start"], spec["groups"]).transpose(1, 2)
+    return linear.index_select(0, getattr(layer, f"dense_bank_{i}")).transpose(1, 2)
 
 
 def _dense_sum(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -392,7 +432,8 @@ def _categorical_inputs(circuit, source: TableSource, x: torch.Tensor, workspace
     for i, bucket in enumerate(layer.buckets):
         var, bank = getattr(layer, f"var_{i}"), getattr(layer, f"bank_{i}")
         k, n = bucket["num_cats"], bucket["num_nodes"]
-        linear, table_low = source.linear(bucket["key"], rows_layout=True)
+        linear, table_low = source.linear(bucket["key"], transposed=True)  # (banks, K, n)
+        linear = linear.view(-1, n)
         low = min(low, table_low)
         idx = x.index_select(1, var).long().clamp(0, k - 1)
         rows = (bank * k)[None, :] + idx
@@ -442,7 +483,7 @@ def scaled_root_value(circuit, source: TableSource, x: torch.Tensor, missing: to
             out = _inputs(circuit, source, x, missing, evidence, workspace)
         elif isinstance(layer, SumLayer):
             out = _sum(layer, outputs, source, workspace, i)
-        elif i in fusable and (fused := _cross_product_sum(layer, circuit.layers[i + 1], outputs, source)):
+        elif i in fusable and (fused := _cross_product_sum(layer, circuit.layers[i + 1], outputs, source, workspace, i + 1)):
             out = _Scaled(x.new_empty(0, 0, dtype=fused.p.dtype), None, 1.0)  # never read
         else:
             out = _product(layer, outputs, workspace, i)
