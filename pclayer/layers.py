@@ -428,6 +428,8 @@ class SumLayer(_GatherMixin):
         if spec["shared"] is not None and broadcast:
             view = logweights.get((spec["key"], spec["shared"]))  # type: ignore[call-overload]
             return (table[spec["shared"]] if view is None else view).unsqueeze(0)
+        if spec["bank_start"] is not None:  # consecutive banks: a view (its backward is a slice, not a scatter)
+            return table.narrow(0, spec["bank_start"], spec["groups"])
         return table.index_select(0, getattr(self, f"dense_bank_{i}"))
 
     def _dense_inputs(self, i: int, z: torch.Tensor) -> torch.Tensor:

@@ -382,9 +382,7 @@ def _dense_weights(layer: SumLayer, i: int, source: TableSource) -> torch.Tensor
     if spec["shared"] is not None:
         return source.bank_weights(spec["key"], spec["shared"])
     linear, _ = source.linear(spec["key"])  # (banks, N, C)
-    if spec["bank_start"] is not None:
-        return linear.narrow(0, spec["bank_start"], spec["groups"]).transpose(1, 2)
-    return linear.index_select(0, getattr(layer, f"dense_bank_{i}")).transpose(1, 2)
+    return layer._dense_logw(i, {spec["key"]: linear}, True).transpose(1, 2)
 
 
 def _dense_sum(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -395,8 +393,9 @@ def _dense_sum(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None) -> to
         return torch.mm(x.reshape(b * g, c) if g > 1 else x.view(b, c), w,
                         out=None if out is None else out.view(b * g, w.shape[1])).view(b, g * w.shape[1])
     n = w.shape[2]
-    if out is None:
-        return torch.bmm(x.transpose(0, 1), w).transpose(0, 1).reshape(b, g * n)
+    if out is None:  # one product per group (no transposed copies of x), joined once; unbind
+        # keeps autograd from building a full-size zero gradient per group
+        return torch.cat([torch.mm(xg, wg) for xg, wg in zip(x.unbind(1), w.unbind(0))], dim=1)
     for group in range(g):  # one product per group, written straight into its column block
         torch.mm(x[:, group], w[group], out=out[:, group * n:(group + 1) * n])
     return out

@@ -254,3 +254,20 @@ def test_bad_arguments_are_rejected_with_clear_errors():
     zero = pc.compile(pc.inputs(0, 1, pc.Categorical(2), params={"probs": [[1.0, 0.0]]}))
     with pytest.raises(pc.ZeroProbabilityError):
         compute_flows(zero, torch.tensor([[1]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("step_size", [1.0, 0.3])
+def test_m_step_leaves_the_flows_untouched_and_normalises_every_row(dtype, step_size):
+    """The M-step works in the circuit's dtype, in place where it can: the caller's flows
+    (float64) must come out unchanged, and every updated row must sum to one."""
+    circuit = pc.compile(pc.structures.hmm(4, 3, 5, homogeneous=False, seed=0), dtype=dtype)
+    x = torch.randint(0, 5, (20, 4), generator=torch.Generator().manual_seed(0))
+    flows = compute_flows(circuit, x)
+    before = {key: value.clone() for key, value in flows.counts.items()}
+    m_step(circuit, flows, step_size=step_size)
+    for key, value in flows.counts.items():
+        assert torch.equal(value, before[key]), key
+    with torch.no_grad():  # the stored log-weights themselves are normalised
+        for key, param in circuit.params.items():
+            torch.testing.assert_close(param.exp().sum(-1), torch.ones(param.shape[:-1], dtype=dtype), msg=key)

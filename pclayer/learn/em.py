@@ -33,10 +33,14 @@ def _check_hyper(step_size: float, pseudocount: float, min_std: float) -> None:
         raise ValueError(f"min_std: expected a positive number, got {min_std!r}")
 
 
-def _categorical_update(old_log: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor | None,
+def _categorical_update(raw: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor | None,
                         step_size: float, pseudocount: float) -> torch.Tensor:
-    """New log-probabilities (float64) of normalised rows over the last dimension."""
-    old = torch.exp(old_log.double())
+    """New probabilities of rows normalised over the last dimension, in ``raw``'s dtype:
+    ``raw`` holds the current unnormalised log-weights, ``counts`` the flows."""
+    logits = raw if mask is None else raw.masked_fill(~mask, -torch.inf)
+    old = torch.softmax(logits, dim=-1)
+    flows = counts
+    counts = counts.to(raw.dtype)
     if mask is None:  # dense rows: no masking passes (this runs on every parameter every step)
         numerator = counts + pseudocount / counts.shape[-1] if pseudocount else counts
     else:
@@ -44,8 +48,11 @@ def _categorical_update(old_log: torch.Tensor, counts: torch.Tensor, mask: torch
         numerator = torch.where(mask, counts + pseudocount / size, torch.zeros_like(counts))
     total = numerator.sum(-1, keepdim=True)
     reached = total > 0
+    if bool(reached.all()):  # the common case: no row keeps its parameters, so update in place
+        target = numerator.div_(total) if numerator is not flows else numerator / total  # never write the flows
+        return target if step_size == 1 else old.lerp_(target, step_size)
     target = numerator / torch.where(reached, total, torch.ones_like(total))
-    return torch.where(reached, torch.lerp(old, target, step_size), old).log_()
+    return torch.where(reached, torch.lerp(old, target, step_size), old)
 
 
 def _gaussian_update(old: torch.Tensor, stats: torch.Tensor, step_size: float, pseudocount: float,
@@ -78,13 +85,13 @@ def m_step(circuit, flows: Flows, *, step_size: float = 1.0, pseudocount: float 
         min_std: lower bound of Gaussian standard deviations.
     """
     _check_hyper(step_size, pseudocount, min_std)
-    tables = circuit.log_tables()
     for key, counts in flows.counts.items():
+        param = circuit.params[key]
         mask = getattr(circuit, f"fixed_{key}_mask") if key.startswith("sparse_") else None
-        new = _categorical_update(tables[key], counts, mask, step_size, pseudocount)
+        new = _categorical_update(param, counts, mask, step_size, pseudocount)
+        torch.log(new, out=param)  # the new normalised log-weights, written in place
         if mask is not None:
-            new = new.masked_fill(~mask, 0.0)
-        circuit.params[key].copy_(new.to(circuit.params[key].dtype))
+            param.masked_fill_(~mask, 0.0)
     for key, stats in flows.gaussian.items():
         new = _gaussian_update(circuit.params[key], stats, step_size, pseudocount, min_std)
         circuit.params[key].copy_(new.to(circuit.params[key].dtype))

@@ -117,8 +117,9 @@ def compute_flows(circuit, x: torch.Tensor, missing: torch.Tensor | None = None,
     with torch.enable_grad():
         # Gaussian tables take part too, so the input layer's output (whose gradient is
         # the node flow) is in the graph; their own gradients are not used.
-        tables = {key: value.detach().requires_grad_(key in circuit.params)
-                  for key, value in circuit.log_tables().items()}
+        with torch.no_grad():  # the normalised tables are the leaves of this graph (cached while unchanged)
+            normalised = circuit.log_tables()
+        tables = {key: value.detach().requires_grad_(key in circuit.params) for key, value in normalised.items()}
         if circuit.has_gaussian:  # the input layer's output is needed for the Gaussian statistics
             values = circuit.layer_values(ev.x, ev.missing, ev.soft_evidence, tables=tables)
             log_p = circuit.root_value(values)
