@@ -434,8 +434,11 @@ class SumLayer(_GatherMixin):
 
     def _dense_inputs(self, i: int, z: torch.Tensor) -> torch.Tensor:
         spec = self.dense[i]
+        width = spec["groups"] * spec["child_count"]
+        if spec["start"] == 0 and width == z.shape[1]:  # children are all of z
+            return z.view(z.shape[0], spec["groups"], spec["child_count"])
         if spec["start"] is not None:  # children are a contiguous run of z: a view, no copy
-            return z.narrow(1, spec["start"], spec["groups"] * spec["child_count"]).view(
+            return z.narrow(1, spec["start"], width).view(
                 z.shape[0], spec["groups"], spec["child_count"])
         return z.index_select(1, getattr(self, f"dense_children_{i}").reshape(-1)).view(z.shape[0], spec["groups"], spec["child_count"])
 

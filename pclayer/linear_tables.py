@@ -30,7 +30,17 @@ class LinearTableCache:
     def __init__(self) -> None:
         self.entries: dict[tuple[str, bool], tuple[tuple, torch.Tensor, float]] = {}
         self.scratch: torch.Tensor | None = None  # natural-layout softmax before a transposed copy
+        self.bank_views: dict[str, tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = {}
         self.lock = threading.Lock()
+
+    def bank_weights(self, key: str, table: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per bank of the linear sum table ``table`` (banks, N, C) of ``key`` its (C, N)
+        transposed view; built once per buffer (recomputations write into the same buffer)."""
+        entry = self.bank_views.get(key)
+        if entry is None or entry[0] is not table:
+            entry = (table, tuple(bank.t() for bank in table.unbind(0)))
+            self.bank_views[key] = entry
+        return entry[1]
 
     def get(self, circuit, key: str, transposed: bool) -> tuple[torch.Tensor, float]:
         """``softmax`` of parameter ``key`` over its last axis (``exp`` of a fixed log-table),
@@ -95,7 +105,6 @@ class TableSource:
         self.cached = tables is None
         self._log = None if tables is None else tables
         self._memo: dict[tuple[str, bool], tuple[torch.Tensor, float]] = {}
-        self._banks: dict[str, tuple[torch.Tensor, ...]] = {}
 
     @property
     def log(self) -> Mapping:
@@ -126,10 +135,7 @@ class TableSource:
     def bank_weights(self, key: str, bank: int) -> torch.Tensor:
         """(C, N) probabilities of bank ``bank`` of the sum table ``key`` (banks, N, C), a
         transposed view for ``x @ w`` (from the caches only)."""
-        banks = self._banks.get(key)
-        if banks is None:
-            banks = self._banks[key] = tuple(table.t() for table in self.linear(key)[0].unbind(0))
-        return banks[bank]
+        return _cache_of(self.circuit).bank_weights(key, self.linear(key)[0])[bank]
 
 
 def _cache_of(circuit) -> LinearTableCache:

@@ -27,6 +27,7 @@ import threading
 import torch
 
 from pclayer.linear_tables import TableSource
+from pclayer.ops.cross_product_sum import cross_product_chunk, cross_product_sum
 from pclayer.layers import InputLayer, LayerOutputs, ProductLayer, SumLayer, read_columns
 from pclayer.semiring import LOG_SUM
 
@@ -289,11 +290,6 @@ def _product(layer: ProductLayer, outputs: _Outputs, workspace: _Workspace, slot
     return _checked(_multiply([layer.child_column(z, f) for f in range(fan_in)]), scale, low ** fan_in)
 
 
-_FUSED_CHUNK_ELEMENTS = 1 << 20
-"""Cross products are formed this many elements at a time (a few MB: stays in cache and
-below the allocator's mmap threshold, so no page faults per call)."""
-
-
 def _fusable_cross_products(circuit) -> set[int]:
     """Indices of cross-product layers (see ``_outer_structure``) read only by the next layer,
     a sum layer with one dense bucket whose groups are exactly the product's blocks (Tucker
@@ -332,25 +328,13 @@ def _cross_product_sum(product: ProductLayer, layer: SumLayer, outputs: _Outputs
     groups, left, right = product.outer[0].shape[0], product.outer[0].shape[1], product.outer[1].shape[1]
     batch = z.shape[0]
     # group-major factors (G, B, S): each chunk of groups is contiguous and is the batch of a bmm
-    a = _group_major(z, product.outer_left, groups, workspace, "left").unsqueeze(-1)
-    b = _group_major(z, product.outer_right, groups, workspace, "right").unsqueeze(-2)
+    a = _group_major(z, product.outer_left, groups, workspace, "left")
+    c = _group_major(z, product.outer_right, groups, workspace, "right")
     w = _dense_weights(layer, 0, source)  # (left*right, N) or (G, left*right, N)
     n = w.shape[-1]
-    step = min(groups, max(1, _FUSED_CHUNK_ELEMENTS // max(batch * left * right, 1)))
-    crosses = workspace.scratch("crosses", (step, batch, left, right), z)
-    sums = workspace.scratch("sums", (groups, batch, n), z)
-    chunks = []
-    for g0 in range(0, groups, step):
-        g1 = min(groups, g0 + step)
-        x = torch.mul(a[g0:g1], b[g0:g1], out=None if crosses is None else crosses[:g1 - g0])
-        x = x.view(g1 - g0, batch, left * right)
-        out = None if sums is None else sums[g0:g1]
-        if w.dim() == 2:
-            chunk = torch.mm(x.view(-1, left * right), w, out=None if out is None else out.view(-1, n))
-            chunks.append(chunk.view(g1 - g0, batch, n))
-        else:
-            chunks.append(torch.bmm(x, w[g0:g1], out=out))
-    s = sums if sums is not None else (chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=0))
+    chunk = cross_product_chunk(groups, batch, left * right)
+    s = cross_product_sum(a, c, w, crosses=workspace.scratch("crosses", (chunk, batch, left, right), z),
+                          out=workspace.scratch("sums", (groups, batch, n), z))
     result = workspace.take(slot, (batch, groups * n), z)
     if result is None:
         result = s.transpose(0, 1).reshape(batch, groups * n)

@@ -218,7 +218,7 @@ def test_fused_cross_product_sum_matches_log_space_program(monkeypatch, chunk_el
     """RAT-SPN's cross-product layers run fused with the sum above them (one chunk of groups
     or one group at a time): values and flows equal the log-space program's."""
     scaled = importlib.import_module("pclayer.scaled")
-    monkeypatch.setattr(scaled, "_FUSED_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(importlib.import_module("pclayer.ops.cross_product_sum"), "CHUNK_ELEMENTS", chunk_elements)
     circuit = pc.compile(pc.structures.rat_spn(8, 3, 3, 2, 3, seed=1), dtype=torch.float64)
     assert scaled._fusable_cross_products(circuit)
     x = torch.randint(0, 3, (5, 8), generator=torch.Generator().manual_seed(6))
@@ -328,3 +328,31 @@ def test_no_grad_scaled_path_matches_log_space_program_on_benchmark_structures(s
             assert scaled is not None
             torch.testing.assert_close(scaled, circuit.root_value(circuit.layer_values(x, None, None)),
                                        rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("chunk_elements", [1, 1 << 20])
+def test_cross_product_sum_values_and_custom_backward(monkeypatch, shared, chunk_elements):
+    """The chunked cross-product contraction and its recomputing backward equal the plain
+    einsum and its autograd gradients (float64), for shared and per-group weights."""
+    module = importlib.import_module("pclayer.ops.cross_product_sum")
+    monkeypatch.setattr(module, "CHUNK_ELEMENTS", chunk_elements)
+    gen = torch.Generator().manual_seed(3)
+    groups, batch, left, right, n = 3, 4, 2, 5, 3
+    a = torch.rand(groups, batch, left, generator=gen, dtype=torch.float64, requires_grad=True)
+    c = torch.rand(groups, batch, right, generator=gen, dtype=torch.float64, requires_grad=True)
+    shape = (left * right, n) if shared else (groups, left * right, n)
+    w = torch.rand(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    got = module.cross_product_sum(a, c, w)
+    w4 = (w.expand(groups, *shape) if shared else w).view(groups, left, right, n)
+    expected = torch.einsum("gbi,gbj,gijn->gbn", a, c, w4)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    upstream = torch.rand(groups, batch, n, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad(got, (a, c, w), upstream)
+    reference = torch.autograd.grad(expected, (a, c, w), upstream)
+    for g, r in zip(grads, reference):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        crosses, out = torch.empty(groups, batch, left, right, dtype=torch.float64), torch.empty(groups, batch, n, dtype=torch.float64)
+        assert module.cross_product_sum(a, c, w, crosses=crosses, out=out) is out
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
