@@ -47,7 +47,8 @@ class _CrossProductSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: torch.Tensor, c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # noqa: D102
         ctx.save_for_backward(a, c, w)
-        return _forward(a, c, w, None, None)
+        step = cross_product_chunk(a.shape[0], a.shape[1], a.shape[2] * c.shape[2])
+        return _forward(a, c, w, a.new_empty(step, a.shape[1], a.shape[2], c.shape[2]), None)  # one scratch for all chunks
 
     @staticmethod
     @torch.autograd.function.once_differentiable
