@@ -2,7 +2,7 @@
 HMM log-likelihoods as pclayer, and a missing peer is skipped with a note.
 
 SparC lives in the peers venv, whose pytest lacks hypothesis (tests/conftest.py needs it); run
-the SparC test there with ``/work/peers-venv/bin/python -m pytest --noconftest tests/test_compare_peers_script.py``.
+the SparC test there with ``peers-venv/bin/python -m pytest --noconftest tests/test_compare_peers_script.py`` (see docs/performance.md).
 """
 
 from __future__ import annotations
