@@ -48,8 +48,7 @@ class LinearTableCache:
         contiguous (banks, C, R), so that one (bank, category) of a categorical table is one
         contiguous row."""
         raw, mask = _raw_tensors(circuit, key)
-        stamp = tuple((t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape)) for t in (raw, mask) if t is not None)
-        stamp += (torch.is_inference_mode_enabled(),)
+        stamp = _stamp(raw, mask)
         entry = self.entries.get((key, transposed))
         if entry is not None and entry[0] == stamp:
             return entry[1], entry[2]
@@ -61,6 +60,25 @@ class LinearTableCache:
                 entry = (stamp, table, float(table.amin()) if table.numel() else 1.0)
                 self.entries[(key, transposed)] = entry
         return entry[1], entry[2]
+
+    def refresh(self, circuit, key: str, probabilities: torch.Tensor) -> None:
+        """After an in-place update of parameter ``key`` that computed its new normalised table
+        ``probabilities`` (same shape, natural layout; e.g. the M-step), write it into the
+        entries of ``key`` that exist, so their next use needs no softmax."""
+        raw, mask = _raw_tensors(circuit, key)
+        stamp = _stamp(raw, mask)
+        with self.lock:
+            for transposed in (False, True):
+                entry = self.entries.get((key, transposed))
+                if entry is None:
+                    continue
+                buffer = entry[1]
+                source = probabilities.transpose(1, 2) if transposed else probabilities
+                if buffer.shape != source.shape or buffer.dtype != source.dtype or buffer.device != source.device:
+                    del self.entries[(key, transposed)]
+                    continue
+                buffer.copy_(source)
+                self.entries[(key, transposed)] = (stamp, buffer, float(buffer.amin()) if buffer.numel() else 1.0)
 
     def _normalise_into(self, raw: torch.Tensor, mask: torch.Tensor | None, key: str, transposed: bool,
                         buffer: torch.Tensor | None) -> torch.Tensor:
@@ -81,6 +99,19 @@ class LinearTableCache:
             scratch = self.scratch = raw.new_empty(raw.numel())
         natural = torch.softmax(logits, dim=-1, out=scratch[:raw.numel()].view(raw.shape))
         return buffer.copy_(natural.transpose(1, 2))
+
+
+def _stamp(raw: torch.Tensor, mask: torch.Tensor | None) -> tuple:
+    """What identifies one version of a table: version counter, storage, dtype, device and
+    shape of the raw tensors, and whether inference mode is on."""
+    stamp = tuple((t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape)) for t in (raw, mask) if t is not None)
+    return stamp + (torch.is_inference_mode_enabled(),)
+
+
+def refresh_linear_tables(circuit, key: str, probabilities: torch.Tensor) -> None:
+    """Tell ``circuit``'s linear-table cache the new normalised table of parameter ``key``
+    (see :meth:`LinearTableCache.refresh`); call right after writing the parameter."""
+    _cache_of(circuit).refresh(circuit, key, probabilities)
 
 
 def _raw_tensors(circuit, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:

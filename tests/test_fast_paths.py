@@ -356,3 +356,40 @@ def test_cross_product_sum_values_and_custom_backward(monkeypatch, shared, chunk
         crosses, out = torch.empty(groups, batch, left, right, dtype=torch.float64), torch.empty(groups, batch, n, dtype=torch.float64)
         assert module.cross_product_sum(a, c, w, crosses=crosses, out=out) is out
         torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("structure", ["hmm", "sparse"])
+def test_em_step_refreshes_the_linear_tables(monkeypatch, structure):
+    """The M-step writes the probabilities it computed into the existing linear-table entries:
+    the next no-grad forward normalises nothing, the entries equal softmax of the new
+    parameters, and log_prob equals the log-space program."""
+    from pclayer.learn import MiniBatchEM
+    from pclayer.linear_tables import LinearTableCache, _raw_tensors
+
+    if structure == "hmm":
+        root = pc.structures.hmm(6, 4, 5, homogeneous=False, seed=0)
+    else:  # a sparse sum (masked softmax) over two categorical groups
+        a = pc.inputs(0, 3, pc.Categorical(5), generator=torch.Generator().manual_seed(1))
+        b = pc.inputs(1, 3, pc.Categorical(5), generator=torch.Generator().manual_seed(2))
+        products = pc.multiply(a, b)
+        edges = torch.tensor([[0, 0, 1, 2], [0, 2, 1, 2]])
+        root = pc.summate(pc.summate(products, num_nodes=3, edges=edges), num_nodes=1)
+    circuit = pc.compile(root, dtype=torch.float64)
+    x = torch.randint(0, 5, (16, circuit.num_vars), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        circuit.log_prob(x)  # creates the entries
+    MiniBatchEM(circuit, step_size=0.5).step(x)
+    calls = []
+    original = LinearTableCache._normalise_into
+    monkeypatch.setattr(LinearTableCache, "_normalise_into", lambda *args: calls.append(args[3]) or original(*args))
+    with torch.no_grad():
+        got = circuit.log_prob(x)
+        expected = circuit.root_value(circuit.layer_values(x, None, None))
+    assert calls == []
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    cache = circuit.__dict__["_linear_tables"]
+    for (key, transposed), (_, table, low) in cache.entries.items():
+        raw, mask = _raw_tensors(circuit, key)
+        softmax = torch.softmax(raw if mask is None else raw.masked_fill(~mask, -torch.inf), dim=-1)
+        torch.testing.assert_close(table, softmax.transpose(1, 2) if transposed else softmax, rtol=1e-12, atol=1e-14)
+        assert low == float(table.amin())

@@ -22,6 +22,7 @@ import torch
 
 from pclayer.learn.distributed import all_reduce_flows
 from pclayer.learn.flows import Flows, compute_flows, zero_flows
+from pclayer.linear_tables import refresh_linear_tables
 
 
 def _check_hyper(step_size: float, pseudocount: float, min_std: float) -> None:
@@ -92,6 +93,7 @@ def m_step(circuit, flows: Flows, *, step_size: float = 1.0, pseudocount: float 
         torch.log(new, out=param)  # the new normalised log-weights, written in place
         if mask is not None:
             param.masked_fill_(~mask, 0.0)
+        refresh_linear_tables(circuit, key, new)  # the next no-grad forward needs no softmax
     for key, stats in flows.gaussian.items():
         new = _gaussian_update(circuit.params[key], stats, step_size, pseudocount, min_std)
         circuit.params[key].copy_(new.to(circuit.params[key].dtype))
