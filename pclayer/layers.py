@@ -317,6 +317,16 @@ def _outer_structure(child_index: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return rows[:, 0].view(-1, s1), blocks[:, 0]
 
 
+def _block_stride(blocks: torch.Tensor) -> tuple[int, int] | None:
+    """``(start, step)`` when ``blocks`` (G, S) is ``start + g * step + s`` (every group a run
+    of S consecutive positions, groups ``step`` apart), else None."""
+    groups, size = blocks.shape
+    start = int(blocks[0, 0])
+    step = int(blocks[1, 0]) - start if groups > 1 else size
+    expected = start + step * torch.arange(groups)[:, None] + torch.arange(size)[None, :]
+    return (start, step) if step >= size and torch.equal(blocks.cpu(), expected) else None
+
+
 class ProductLayer(_GatherMixin):
     """Products as gather-and-add: (B, M) -> (B, P) summing ``F`` gathered children."""
 
@@ -330,11 +340,13 @@ class ProductLayer(_GatherMixin):
         # Per child column: the start of a contiguous run of z (read as a view), else None.
         self.child_starts = [_contiguous_start(self.child_index[:, f]) for f in range(self.child_index.shape[1])]
         self.outer = None
+        self.outer_strides: tuple[tuple[int, int] | None, tuple[int, int] | None] = (None, None)
         if self.column_reads is None and not self.padded and self.child_index.shape[1] == 2:
             self.outer = _outer_structure(self.child_index)
             if self.outer is not None:
                 _register(self, "outer_left", self.outer[0].reshape(-1))
                 _register(self, "outer_right", self.outer[1].reshape(-1))
+                self.outer_strides = (_block_stride(self.outer[0]), _block_stride(self.outer[1]))
 
     def _column_reads(self) -> list[tuple[int, int, int]] | None:
         """(layer, start, length) per child column when every column of ``child_index`` is a

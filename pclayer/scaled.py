@@ -328,8 +328,8 @@ def _cross_product_sum(product: ProductLayer, layer: SumLayer, outputs: _Outputs
     groups, left, right = product.outer[0].shape[0], product.outer[0].shape[1], product.outer[1].shape[1]
     batch = z.shape[0]
     # group-major factors (G, B, S): each chunk of groups is contiguous and is the batch of a bmm
-    a = _group_major(z, product.outer_left, groups, workspace, "left")
-    c = _group_major(z, product.outer_right, groups, workspace, "right")
+    a = _group_major(z, product.outer_left, groups, workspace, "left", product.outer_strides[0])
+    c = _group_major(z, product.outer_right, groups, workspace, "right", product.outer_strides[1])
     w = _dense_weights(layer, 0, source)  # (left*right, N) or (G, left*right, N)
     n = w.shape[-1]
     chunk = cross_product_chunk(groups, batch, left * right)
@@ -345,12 +345,19 @@ def _cross_product_sum(product: ProductLayer, layer: SumLayer, outputs: _Outputs
                     owned=workspace.buffers is not None)
 
 
-def _group_major(z: torch.Tensor, index: torch.Tensor, groups: int, workspace: _Workspace, name: str) -> torch.Tensor:
-    """(G, B, S) contiguous copy of the columns ``index`` (G*S,) of ``z`` (B, M), read group by group."""
+def _group_major(z: torch.Tensor, index: torch.Tensor, groups: int, workspace: _Workspace, name: str,
+                 stride: tuple[int, int] | None) -> torch.Tensor:
+    """(G, B, S) contiguous copy of the columns ``index`` (G*S,) of ``z`` (B, M), read group by
+    group; ``stride`` = ``(start, step)`` when the groups are evenly spaced runs of columns
+    (read then as a strided view without a gather; only into a workspace buffer)."""
     batch, size = z.shape[0], index.numel() // groups
+    out = workspace.scratch(name, (groups, batch, size), z)
+    if stride is not None and out is not None and z.stride(1) == 1:
+        start, step = stride
+        view = z.as_strided((batch, groups, size), (z.stride(0), step, 1), z.storage_offset() + start)
+        return out.copy_(view.transpose(0, 1))
     picked = workspace.scratch(name + "-picked", (batch, index.numel()), z)
     picked = torch.index_select(z, 1, index, out=picked)
-    out = workspace.scratch(name, (groups, batch, size), z)
     if out is None:
         return picked.view(batch, groups, size).transpose(0, 1).contiguous()
     return out.copy_(picked.view(batch, groups, size).transpose(0, 1))
