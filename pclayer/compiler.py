@@ -1,46 +1,27 @@
-"""Compile a symbolic circuit into a layered tensor program.
+"""Compile a symbolic circuit into a typed :class:`~pclayer.plan.Plan`.
 
 Groups are layered by depth (inputs at depth 0, every other group one above its deepest
 child). Depth ``d`` becomes a product layer and a sum layer, each reading only from
 shallower layers. Inside a layer, node groups are stacked: dense sum groups with the
-same (num_nodes, num_children) shape form one batched matrix product; input groups with
-the same table shape form one gather. The result is a :class:`Plan`: plain tensors and
-integers with no Python objects, which :class:`pclayer.TensorCircuit` runs and which
-serialises as is.
+same (num_nodes, num_children) shape form one bucket (one batched matrix product); input
+groups of the same distribution and table shape form one bucket (one gather). Parameter
+banks are named by their place in the structure (see :class:`~pclayer.plan.Bank`), never
+by object identity, so building the same circuit twice gives the same names.
+
+The plan is plain: the optimisation passes (:mod:`pclayer.passes`) run afterwards.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
-from pclayer.distributions import Gaussian, Indicator
 from pclayer.errors import StructureError
 from pclayer.nodes import InputGroup, NodeGroup, ProductGroup, SumGroup, topological_order
-
-
-@dataclass
-class Plan:
-    """A compiled circuit as plain data.
-
-    Attributes:
-        num_vars: number of variables (columns 0..num_vars-1).
-        var_cats: (num_vars,) categories per variable, 0 for Gaussian variables.
-        layers: one dict per layer, in evaluation order (see ``pclayer.layers``).
-        root: (layer, node) of the root node.
-        params: learnable tensors by name (log-weights, log-probabilities, Gaussian params).
-        fixed: non-learnable tensors by name (indicator tables, sparse-edge masks).
-    """
-
-    num_vars: int
-    var_cats: list[int]
-    layers: list[dict]
-    root: tuple[int, int]
-    params: dict[str, torch.Tensor] = field(default_factory=dict)
-    fixed: dict[str, torch.Tensor] = field(default_factory=dict)
+from pclayer.plan import (Bank, DenseBucket, InputBucket, InputLayerSpec, Plan, ProductLayerSpec, Segment,
+                          SparseBucket, SumLayerSpec)
 
 
 def _levels(order: list[NodeGroup]) -> dict[int, int]:
@@ -51,22 +32,29 @@ def _levels(order: list[NodeGroup]) -> dict[int, int]:
 
 
 class _Banks:
-    """Assigns every parameter owner a (tensor name, index) slot, stacking equal shapes."""
+    """Assigns every parameter owner a (bank name, row) slot, stacking equal shapes."""
 
     def __init__(self) -> None:
         self.slot: dict[int, tuple[str, int]] = {}
         self.rows: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.records: dict[str, Bank] = {}
+        self.unstacked: set[str] = set()
 
-    def add(self, owner_uid: int, key: str, make_value: Callable[[], torch.Tensor]) -> tuple[str, int]:
+    def add(self, owner_uid: int, bank: Bank, make_value: Callable[[], torch.Tensor], stacked: bool = True) -> tuple[str, int]:
         """The owner's slot; ``make_value`` runs only the first time the owner is seen (tied
-        groups share one tensor and must not recompute it)."""
+        groups share one row and must not recompute it). ``stacked=False``: the bank is the
+        value itself (one owner), not a stack of rows."""
         if owner_uid not in self.slot:
-            self.slot[owner_uid] = (key, len(self.rows[key]))
-            self.rows[key].append(make_value())
+            self.slot[owner_uid] = (bank.name, len(self.rows[bank.name]))
+            self.rows[bank.name].append(make_value())
+            self.records.setdefault(bank.name, bank)
+            if not stacked:
+                self.unstacked.add(bank.name)
         return self.slot[owner_uid]
 
-    def stacked(self) -> dict[str, torch.Tensor]:
-        return {key: torch.stack(values) for key, values in self.rows.items()}
+    def tensors(self, learnable: bool) -> dict[str, torch.Tensor]:
+        return {key: values[0] if key in self.unstacked else torch.stack(values)
+                for key, values in self.rows.items() if self.records[key].learnable == learnable}
 
 
 def _variables(order: list[NodeGroup], root: NodeGroup) -> list[int]:
@@ -77,7 +65,7 @@ def _variables(order: list[NodeGroup], root: NodeGroup) -> list[int]:
     var_cats: dict[int, int] = {}
     for group in order:
         if isinstance(group, InputGroup):
-            cats = 0 if isinstance(group.dist, Gaussian) else int(group.dist.num_cats)
+            cats = int(group.dist.num_cats or 0)
             if var_cats.setdefault(group.var, cats) != cats:
                 raise StructureError(
                     f"input group {group.name!r}: variable {group.var} has {cats or 'continuous'} categories here "
@@ -91,9 +79,8 @@ class _Layout:
 
     def __init__(self) -> None:
         self.where: dict[int, tuple[int, int]] = {}
-        self.sizes: list[int] = []
 
-    def sources(self, groups: list[NodeGroup]) -> tuple[list[list], dict[int, int]]:
+    def sources(self, groups: list[NodeGroup]) -> tuple[list[Segment], dict[int, int]]:
         """Segments read by a layer and each child group's offset in the gathered vector."""
         children: dict[int, NodeGroup] = {}
         for group in groups:
@@ -102,7 +89,7 @@ class _Layout:
         by_layer: dict[int, list[NodeGroup]] = defaultdict(list)
         for child in children.values():
             by_layer[self.where[child.uid][0]].append(child)
-        segments: list[list] = []
+        segments: list[Segment] = []
         local: dict[int, int] = {}
         position = 0
         for layer in sorted(by_layer):
@@ -112,52 +99,36 @@ class _Layout:
                 offset = self.where[child.uid][1]
                 local[child.uid] = position + len(index)
                 index.extend(range(offset, offset + child.num_nodes))
-            segments.append([layer, torch.tensor(index, dtype=torch.long)])
+            segments.append(Segment(layer, torch.tensor(index, dtype=torch.long)))
             position += len(index)
         return segments, local
 
 
-def _input_layer(groups: list[InputGroup], layout: _Layout, params: _Banks, fixed: _Banks) -> dict:
+def _input_layer(groups: list[InputGroup], layout: _Layout, banks: _Banks) -> InputLayerSpec:
     buckets: dict[tuple, list[InputGroup]] = defaultdict(list)
     for group in groups:
-        if isinstance(group.dist, Gaussian):
-            buckets[("gaussian", group.num_nodes, 0)].append(group)
-        elif isinstance(group.dist, Indicator):
-            buckets[("indicator", group.num_nodes, group.dist.num_cats)].append(group)
-        else:
-            buckets[("table", group.num_nodes, group.dist.num_cats)].append(group)
-    layer: dict = {"type": "input", "buckets": []}
+        engine = group.dist.engine()
+        buckets[(type(engine).__name__, group.num_nodes, engine.num_cats or 0)].append(group)
+    specs = []
     offset = 0
-    for (kind, n, k), members in buckets.items():
-        bank = []
+    for (name, n, k), members in buckets.items():
+        rows = []
         for group in members:
             owner = group.param_owner
-            if kind == "gaussian":
-                slot = params.add(owner.uid, f"gauss_{n}",
-                                  lambda: torch.stack([owner.params["mean"], torch.log(owner.params["std"])]))
-            elif kind == "indicator":
-                slot = fixed.add(owner.uid, f"ind_{n}x{k}", lambda: owner.dist.log_table(owner.params))
-            else:
-                slot = params.add(owner.uid, f"cat_{n}x{k}", lambda: owner.dist.log_table(owner.params))
-            bank.append(slot[1])
+            engine = owner.dist.engine()
+            bank = Bank(engine.bank_key(n), "input", name, learnable=owner.dist.learnable)
+            rows.append(banks.add(owner.uid, bank, lambda owner=owner: owner.dist.to_bank(owner.params))[1])
             layout.where[group.uid] = (0, offset)
             offset += n
-        layer["buckets"].append({
-            "kind": kind,
-            "key": slot[0],
-            "num_nodes": n,
-            "num_cats": k,
-            "group_bank": torch.tensor(bank, dtype=torch.long),
-            "group_var": torch.tensor([g.var for g in members], dtype=torch.long),
-        })
-    layout.sizes.append(offset)
-    return layer
+        specs.append(InputBucket(name, bank.name, n, k, torch.tensor(rows, dtype=torch.long),
+                                 torch.tensor([g.var for g in members], dtype=torch.long)))
+    return InputLayerSpec(specs)
 
 
-def _product_layer(groups: list[ProductGroup], layout: _Layout, index: int) -> dict:
+def _product_layer(groups: list[ProductGroup], layout: _Layout, index: int) -> ProductLayerSpec:
     segments, local = layout.sources(groups)
     width = max(len(g.children) for g in groups)
-    pad = sum(len(seg[1]) for seg in segments)
+    pad = sum(len(seg.index) for seg in segments)
     rows = []
     offset = 0
     for group in groups:
@@ -168,13 +139,29 @@ def _product_layer(groups: list[ProductGroup], layout: _Layout, index: int) -> d
         rows.append(block)
         layout.where[group.uid] = (index, offset)
         offset += group.num_nodes
-    layout.sizes.append(offset)
-    return {"type": "product", "sources": segments, "children": torch.cat(rows), "padded": any(len(g.children) < width for g in groups)}
+    return ProductLayerSpec(segments, torch.cat(rows), any(len(g.children) < width for g in groups))
 
 
-def _sum_layer(groups: list[SumGroup], layout: _Layout, index: int, params: _Banks, fixed: _Banks) -> dict:
+def _sparse_tables(group: SumGroup, positions: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(children (N, F) positions padded with ``pad``, log-weights (N, F), mask (N, F)) of a
+    sparse sum group whose child nodes sit at ``positions``."""
+    fan_in = torch.bincount(group.edges[0], minlength=group.num_nodes)
+    width = int(fan_in.max())
+    order = torch.argsort(group.edges[0] * (group.num_child_nodes + 1) + group.edges[1])
+    parents, kids = group.edges[0][order], group.edges[1][order]
+    rank = torch.arange(len(parents)) - torch.repeat_interleave(torch.cumsum(fan_in, 0) - fan_in, fan_in)
+    children = torch.full((group.num_nodes, width), pad, dtype=torch.long)
+    children[parents, rank] = positions[kids]
+    logits = torch.zeros(group.num_nodes, width, dtype=torch.float64)
+    logits[parents, rank] = torch.log(group.param_owner.params[order])
+    mask = torch.zeros(group.num_nodes, width, dtype=torch.bool)
+    mask[parents, rank] = True
+    return children, logits, mask
+
+
+def _sum_layer(groups: list[SumGroup], layout: _Layout, index: int, banks: _Banks, fixed: _Banks) -> SumLayerSpec:
     segments, local = layout.sources(groups)
-    pad = sum(len(seg[1]) for seg in segments)
+    pad = sum(len(seg.index) for seg in segments)
 
     def child_positions(group: SumGroup) -> torch.Tensor:
         return torch.cat([torch.arange(c.num_nodes) + local[c.uid] for c in group.children])
@@ -183,43 +170,33 @@ def _sum_layer(groups: list[SumGroup], layout: _Layout, index: int, params: _Ban
     sparse: list[SumGroup] = []
     for group in groups:
         (dense[(group.num_nodes, group.num_child_nodes)] if group.edges is None else sparse).append(group)
-    layer: dict = {"type": "sum", "sources": segments, "dense": [], "sparse": []}
+    spec = SumLayerSpec(segments, [], [])
     offset = 0
     for (n, c), members in dense.items():
-        slots = [params.add(g.param_owner.uid, f"sum_{n}x{c}", lambda g=g: torch.log(g.param_owner.params)) for g in members]
-        layer["dense"].append({
-            "key": slots[0][0],
-            "children": torch.stack([child_positions(g) for g in members]),
-            "group_bank": torch.tensor([s[1] for s in slots], dtype=torch.long),
-        })
+        bank = Bank(f"sum_{n}x{c}", "dense_sum")
+        slots = [banks.add(g.param_owner.uid, bank, lambda g=g: torch.log(g.param_owner.params)) for g in members]
+        spec.dense.append(DenseBucket(bank.name, torch.stack([child_positions(g) for g in members]),
+                                      torch.tensor([s[1] for s in slots], dtype=torch.long)))
         for group in members:
             layout.where[group.uid] = (index, offset)
             offset += n
     for group in sparse:
         owner = group.param_owner
-        positions = child_positions(group)
-        fan_in = torch.bincount(group.edges[0], minlength=group.num_nodes)
-        width = int(fan_in.max())
-        order = torch.argsort(group.edges[0] * (group.num_child_nodes + 1) + group.edges[1])
-        parents, kids = group.edges[0][order], group.edges[1][order]
-        rank = torch.arange(len(parents)) - torch.repeat_interleave(torch.cumsum(fan_in, 0) - fan_in, fan_in)
-        children = torch.full((group.num_nodes, width), pad, dtype=torch.long)
-        children[parents, rank] = positions[kids]
-        logits = torch.zeros(group.num_nodes, width, dtype=torch.float64)
-        logits[parents, rank] = torch.log(owner.params[order])
-        mask = torch.zeros(group.num_nodes, width, dtype=torch.bool)
-        mask[parents, rank] = True
-        key, _ = params.add(owner.uid, f"sparse_{owner.uid}", lambda: logits)
-        fixed.add(owner.uid, f"{key}_mask", lambda: mask)
-        layer["sparse"].append({"key": key, "children": children})
+        children, logits, mask = _sparse_tables(group, child_positions(group), pad)
+        if owner.uid in banks.slot:  # tied to a sparse group compiled before: same edges, same bank
+            key = banks.slot[owner.uid][0]
+        else:
+            key = f"sparse_{sum(1 for b in banks.records.values() if b.role == 'sparse_sum')}"
+            banks.add(owner.uid, Bank(key, "sparse_sum", mask=f"{key}_mask"), lambda: logits, stacked=False)
+            fixed.add(owner.uid, Bank(f"{key}_mask", "mask", learnable=False), lambda: mask, stacked=False)
+        spec.sparse.append(SparseBucket(key, children))
         layout.where[group.uid] = (index, offset)
         offset += group.num_nodes
-    layout.sizes.append(offset)
-    return layer
+    return spec
 
 
 def build_plan(root: NodeGroup) -> Plan:
-    """Compile the circuit rooted at ``root`` (one node) into a :class:`Plan`."""
+    """Compile the circuit rooted at ``root`` (one node) into a plain :class:`Plan`."""
     if not isinstance(root, NodeGroup):
         raise TypeError(f"root: expected a node group, got {type(root).__name__}")
     if root.num_nodes != 1:
@@ -230,26 +207,22 @@ def build_plan(root: NodeGroup) -> Plan:
     by_level: dict[int, list[NodeGroup]] = defaultdict(list)
     for group in order:
         by_level[level[group.uid]].append(group)
-    layout, params, fixed = _Layout(), _Banks(), _Banks()
-    layers = [_input_layer(by_level[0], layout, params, fixed)]  # type: ignore[arg-type]
+    layout, banks, fixed = _Layout(), _Banks(), _Banks()
+    layers: list = [_input_layer(by_level[0], layout, banks)]  # type: ignore[arg-type]
     for depth in range(1, max(by_level) + 1):
         products = [g for g in by_level[depth] if isinstance(g, ProductGroup)]
         sums = [g for g in by_level[depth] if isinstance(g, SumGroup)]
         if products:
             layers.append(_product_layer(products, layout, len(layers)))
         if sums:
-            layers.append(_sum_layer(sums, layout, len(layers), params, fixed))
-    stacked_fixed = fixed.stacked()
-    for key in [k for k in stacked_fixed if k.endswith("_mask")]:
-        stacked_fixed[key] = stacked_fixed[key][0]
-    stacked_params = params.stacked()
-    for key in [k for k in stacked_params if k.startswith("sparse_")]:
-        stacked_params[key] = stacked_params[key][0]
+            layers.append(_sum_layer(sums, layout, len(layers), banks, fixed))
+    records = {**banks.records, **fixed.records}
     return Plan(
         num_vars=len(var_cats),
         var_cats=var_cats,
         layers=layers,
         root=layout.where[root.uid],
-        params=stacked_params,
-        fixed=stacked_fixed,
+        banks={name: records[name] for name in sorted(records) if records[name].role != "mask"},
+        params=banks.tensors(learnable=True),
+        fixed={**banks.tensors(learnable=False), **fixed.tensors(learnable=False)},
     )

@@ -1,22 +1,33 @@
 """Layers of a compiled circuit: each evaluates all of its node groups in a few tensor ops.
 
-Every layer maps the outputs of earlier layers (a list of (B, n_layer) log-value
-tensors) to its own (B, n_layer) output. Non-input layers first gather the nodes they
-read into one vector ``z`` (B, M) from per-layer segments; children are positions in it.
-For the top-down pass (sampling, MPE) each layer turns a boolean mask of active nodes
-into the mask of active positions of ``z`` (see :mod:`pclayer.topdown`).
+Every layer type implements, side by side, its forward pass for every representation of
+:mod:`pclayer.representations`: ``log_forward`` (log-sum and max-product, which differ only
+in their sum formulas) and ``scaled_forward`` (linear space with per-row scales; None when an
+entry falls below the floor, and the traversal then uses ``log_forward`` for this layer).
+For the top-down pass (sampling, MPE) each layer turns a mask of active nodes into the mask
+of active positions of its gathered input ``z`` (``select``; see :mod:`pclayer.topdown`).
+
+Non-input layers first gather the nodes they read into one vector ``z`` (B, M) from
+per-layer segments; children are positions in it. What a layer may read as a view instead
+of a copy is decided by the optimisation passes (:mod:`pclayer.passes`) and read here from
+the layer spec.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from pclayer.distributions import distribution_for_bucket
+from pclayer.numerics import CONVEX_SLACK, RENORMALISE_BELOW, SAFE_FLOOR
 from pclayer.ops import dispatch
-from pclayer.semiring import Semiring
+from pclayer.ops.cross_product_sum import cross_product_chunk, cross_product_sum
+from pclayer.plan import InputLayerSpec, ProductLayerSpec, SumLayerSpec
+from pclayer.representations import LOG_SUM, SCALED, ScaledValue, add_scales, checked, rescaled
+from pclayer.runtime import Workspace
+from pclayer.tables import Tables
 from pclayer.topk import TopKEvidence
 
 Chooser = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -43,8 +54,7 @@ class LayerOutputs(list):
         self.pieces: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def add(self, value: torch.Tensor) -> None:
-        """Append the next layer's output; split it at ``cuts[layer]`` (piece widths) when
-        it takes part in autograd."""
+        """Append the next layer's output; split it at ``cuts[layer]`` when it takes part in autograd."""
         layer = len(self)
         self.append(value)
         widths = self.cuts.get(layer)
@@ -56,8 +66,7 @@ class LayerOutputs(list):
 
 
 def read_columns(outputs: list[torch.Tensor], layer: int, start: int, length: int) -> torch.Tensor:
-    """Columns ``start:start+length`` of layer ``layer``'s output, without copying: the whole
-    tensor, a cached piece of a :class:`LayerOutputs`, or a narrow view."""
+    """Columns ``start:start+length`` of layer ``layer``'s output, without copying."""
     value = outputs[layer]
     if start == 0 and length == value.shape[1]:
         return value
@@ -68,39 +77,69 @@ def read_columns(outputs: list[torch.Tensor], layer: int, start: int, length: in
     return value.narrow(1, start, length)
 
 
-def _contiguous_start(index: torch.Tensor) -> int | None:
-    """``a`` if ``index`` is ``a, a+1, ..., a+len-1`` (non-empty), else None."""
-    if index.numel() == 0:
-        return None
-    start = int(index[0])
-    return start if torch.equal(index, torch.arange(start, start + index.numel(), device=index.device)) else None
+class ScaledOutputs:
+    """Layer outputs of the scaled representation: probabilities in a :class:`LayerOutputs`,
+    per-layer log-scales and lower bounds."""
+
+    def __init__(self, cuts: dict[int, list[int]]):
+        self.probs = LayerOutputs(cuts)
+        self.scales: list[torch.Tensor | None] = []
+        self.lows: list[float] = []
+
+    def add(self, out: ScaledValue) -> None:
+        self.probs.add(out.p)
+        self.scales.append(out.c)
+        self.lows.append(out.low)
+
+    def common_scale(self, layers: list[int]) -> tuple[torch.Tensor | None, dict[int, torch.Tensor | None], float]:
+        """A common log-scale for reading ``layers`` together, each layer's factor to reach it
+        (``exp(c_l - c) <= 1``; None = no rescaling) and a lower bound of the rescaled entries."""
+        if len(layers) == 1:
+            return self.scales[layers[0]], {layers[0]: None}, self.lows[layers[0]]
+        scales = {layer: self.scales[layer] for layer in set(layers)}
+        distinct = {id(c): c for c in scales.values()}
+        if len(distinct) == 1:
+            return next(iter(distinct.values())), {layer: None for layer in scales}, min(self.lows[l] for l in scales)
+        filled = [torch.zeros_like(next(c for c in distinct.values() if c is not None)) if c is None else c
+                  for c in distinct.values()]
+        common = torch.stack(filled).amax(0)
+        factors = {layer: torch.exp((torch.zeros_like(common) if c is None else c) - common) for layer, c in scales.items()}
+        low = min(self.lows[layer] * (float(factors[layer].amin()) if factors[layer].numel() else 1.0) for layer in scales)
+        return common, factors, low
 
 
-class _GatherMixin(nn.Module):
+class _Reader(nn.Module):
+    """A layer that gathers the nodes it reads from earlier layers' outputs."""
+
+    def _init_sources(self, spec: ProductLayerSpec | SumLayerSpec) -> None:
+        self.source_layers = [segment.layer for segment in spec.sources]
+        self.source_spans = [segment.span for segment in spec.sources]
+        self.width = 0
+        for i, segment in enumerate(spec.sources):
+            _register(self, f"source_{i}", segment.index)
+            self.width += segment.index.numel()
+
     def reads(self) -> list[tuple[int, int, int]]:
         """Contiguous (layer, start, length) column ranges this layer reads without a copy."""
-        return [(layer, span[0], span[1]) for layer, span in zip(self.source_layers, self.source_ranges) if span is not None]
+        return [(layer, span[0], span[1]) for layer, span in zip(self.source_layers, self.source_spans) if span is not None]
 
-    def _init_sources(self, segments: list) -> None:
-        self.source_layers = [int(layer) for layer, _ in segments]
-        self.source_ranges: list[tuple[int, int] | None] = []
-        self.width = 0
-        for i, (_, index) in enumerate(segments):
-            _register(self, f"source_{i}", index)
-            contiguous = bool(index.numel() and torch.equal(index, torch.arange(int(index[0]), int(index[0]) + index.numel())))
-            self.source_ranges.append((int(index[0]), index.numel()) if contiguous else None)
-            self.width += index.numel()
-
-    def gather(self, outputs: list[torch.Tensor]) -> torch.Tensor:
-        """(B, M) vector of the nodes this layer reads."""
+    def gather(self, outputs: list[torch.Tensor], factors: dict[int, torch.Tensor | None] | None = None) -> torch.Tensor:
+        """(B, M) vector of the nodes this layer reads; ``factors`` rescale (scaled outputs)."""
         parts = []
         for i, layer in enumerate(self.source_layers):
-            span = self.source_ranges[i]
+            span = self.source_spans[i]
             if span is not None:
-                parts.append(read_columns(outputs, layer, span[0], span[1]))
+                part = read_columns(outputs, layer, span[0], span[1])
             else:
-                parts.append(outputs[layer].index_select(1, getattr(self, f"source_{i}")))
+                part = outputs[layer].index_select(1, getattr(self, f"source_{i}"))
+            factor = None if factors is None else factors[layer]
+            parts.append(part if factor is None else part * factor)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def gather_scaled(self, outputs: ScaledOutputs) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """(B, M) probabilities at one common scale, the scale, and a lower bound of the entries."""
+        common, factors, low = outputs.common_scale(self.source_layers)
+        return self.gather(outputs.probs, factors), common, low
 
     def scatter_active(self, active_z: torch.Tensor, active: list[torch.Tensor]) -> None:
         """OR the active positions of ``z`` (B, M) into the source layers' masks."""
@@ -127,8 +166,8 @@ def _categorical_rows(table: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor
     """``out[b, g, j] = table[bank[g], j, idx[b, g]]``: table (banks, n, K), bank (G,), idx (B, G) -> (B, G, n).
 
     When the table is not much bigger than the output, it is transposed once to (banks*K, n)
-    so that every (b, g) reads one contiguous row (an ``index_select``, whose backward is a
-    fast ``index_add_``); otherwise (huge K) the entries are gathered one by one."""
+    so that every (b, g) reads one contiguous row; otherwise (huge K) the entries are gathered
+    one by one."""
     banks, n, k = table.shape
     batch, groups = idx.shape
     if table.numel() <= 2 * batch * groups * n:
@@ -139,44 +178,45 @@ def _categorical_rows(table: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor
 
 
 class InputLayer(nn.Module):
-    """All input groups: per bucket a gather of log-probabilities, or a soft-evidence product."""
+    """All input groups: per bucket a distribution's values, or the value summed out."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: InputLayerSpec):
         super().__init__()
         self.buckets = []
-        for i, bucket in enumerate(spec["buckets"]):
-            _register(self, f"bank_{i}", bucket["group_bank"])
-            _register(self, f"var_{i}", bucket["group_var"])
-            shared = int(bucket["group_bank"][0]) if bool((bucket["group_bank"] == bucket["group_bank"][0]).all()) else None
-            self.buckets.append({k: bucket[k] for k in ("kind", "key", "num_nodes", "num_cats")} | {"shared": shared})
-        self.num_nodes = sum(b["num_nodes"] * int(s["group_bank"].numel()) for b, s in zip(self.buckets, spec["buckets"]))
+        for i, bucket in enumerate(spec.buckets):
+            _register(self, f"bank_{i}", bucket.group_bank)
+            _register(self, f"var_{i}", bucket.group_var)
+            self.buckets.append({"key": bucket.key, "num_nodes": bucket.num_nodes, "num_cats": bucket.num_cats,
+                                 "shared": bucket.shared_bank,
+                                 "distribution": distribution_for_bucket(bucket.distribution, bucket.num_cats)})
+        self.num_nodes = sum(b.num_nodes * b.group_bank.numel() for b in spec.buckets)
+        self.all_tabular = all(b["distribution"].tabular for b in self.buckets)
 
-    def _tables(self, i: int, bucket: dict, tables: dict[str, torch.Tensor], broadcast: bool) -> torch.Tensor:
+    def _bank_rows(self, i: int, tables: dict, broadcast: bool) -> torch.Tensor:
+        """Normalised bank rows of bucket ``i``: (G, ...) or (1, ...) when shared and ``broadcast``."""
+        bucket = self.buckets[i]
         table = tables[bucket["key"]]
         if bucket["shared"] is not None and broadcast:
             return table[bucket["shared"]].unsqueeze(0)
         return table.index_select(0, getattr(self, f"bank_{i}"))
 
-    def forward(self, tables: dict[str, torch.Tensor], x: torch.Tensor, missing: torch.Tensor | None,
-                evidence: torch.Tensor | None, semiring: Semiring) -> torch.Tensor:
-        """Input log-values (B, num_input_nodes).
+    def log_forward(self, tables: dict, x: torch.Tensor, missing: torch.Tensor | None, evidence,
+                    representation, runtime=None) -> torch.Tensor:
+        """Input log-values (B, num_input_nodes) in a log-space representation.
 
-        ``tables`` maps bucket keys to (banks, n, K) log-probabilities (or, for Gaussian
-        buckets, (banks, 2, n) mean and log-std); ``x`` is (B, V) float or long,
-        ``missing`` (B, V) bool, ``evidence`` (B, V, K) log-weights.
+        ``tables`` maps bank keys to normalised tables ((banks, n, K) log-probabilities for
+        tabular distributions, stored banks for continuous ones); ``x`` is (B, V) float or
+        long, ``missing`` (B, V) bool, ``evidence`` (B, V, K) log-weights or top-k evidence.
         """
         outs = []
-        batch = x.shape[0]
         for i, bucket in enumerate(self.buckets):
             var = getattr(self, f"var_{i}")
-            n = bucket["num_nodes"]
             xg = x.index_select(1, var)
-            if bucket["kind"] == "gaussian":
-                params = self._tables(i, bucket, tables, broadcast=False)  # (G, 2, n)
-                mean, log_std = params[:, 0], params[:, 1]
-                z = (xg.unsqueeze(-1).to(mean.dtype) - mean) * torch.exp(-log_std)
-                value = -0.5 * z * z - log_std - 0.5 * math.log(2 * math.pi)
-                marginal = semiring.gaussian_no_evidence(log_std).unsqueeze(0)
+            distribution = bucket["distribution"]
+            if not distribution.tabular:
+                rows = self._bank_rows(i, tables, broadcast=False)
+                value = distribution.log_density(rows, xg)
+                marginal = representation.continuous_summed_out(distribution, rows).unsqueeze(0)
             else:
                 k = bucket["num_cats"]
                 table = tables[bucket["key"]]  # (banks, n, K)
@@ -186,7 +226,7 @@ class InputLayer(nn.Module):
                 else:
                     value = _categorical_rows(table, getattr(self, f"bank_{i}"), idx)
                 if isinstance(evidence, TopKEvidence):
-                    value, marginal = self._topk_values(i, bucket, tables, value, idx, var, missing, evidence, semiring)
+                    value, marginal = self._topk_values(i, tables, value, idx, var, missing, evidence, representation, runtime)
                 else:
                     ev = None
                     if evidence is not None:
@@ -194,16 +234,17 @@ class InputLayer(nn.Module):
                         value = value + torch.gather(ev, 2, idx.unsqueeze(-1))
                     marginal = None
                     if missing is not None:
-                        shared_table = self._tables(i, bucket, tables, broadcast=True)
-                        marginal = semiring.sum_dense(ev, shared_table) if ev is not None else semiring.no_evidence(shared_table).unsqueeze(0)
+                        rows = self._bank_rows(i, tables, broadcast=True)
+                        marginal = (representation.sum_dense(ev, rows, runtime) if ev is not None
+                                    else representation.no_evidence(rows, runtime).unsqueeze(0))
             if missing is not None:
                 value = torch.where(missing.index_select(1, var).unsqueeze(-1), marginal, value)
             outs.append(value.flatten(1))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
-    def _topk_values(self, i: int, bucket: dict, tables: dict[str, torch.Tensor], value: torch.Tensor,
-                     idx: torch.Tensor, var: torch.Tensor, missing: torch.Tensor | None, evidence: TopKEvidence,
-                     semiring: Semiring) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _topk_values(self, i: int, tables: dict, value: torch.Tensor, idx: torch.Tensor, var: torch.Tensor,
+                     missing: torch.Tensor | None, evidence: TopKEvidence, representation,
+                     runtime) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Observed values (B, G, n) times their top-k weight, and the summed-out values
         (B, G|1, n) under top-k evidence (None when nothing is missing)."""
         values = evidence.values.index_select(1, var)
@@ -217,25 +258,61 @@ class InputLayer(nn.Module):
         value = value + weight.unsqueeze(-1)
         if missing is None:
             return value, None
-        shared_table = self._tables(i, bucket, tables, broadcast=True)
-        marginal = semiring.topk_evidence(values, indices, shared_table)
+        rows = self._bank_rows(i, tables, broadcast=True)
+        marginal = representation.topk_evidence(values, indices, rows, runtime)
         if free is not None and bool((free & missing.index_select(1, var)).any()):  # skip a pass over the table when unused
-            marginal = torch.where(free.unsqueeze(-1), semiring.no_evidence(shared_table).unsqueeze(0), marginal)
+            marginal = torch.where(free.unsqueeze(-1), representation.no_evidence(rows, runtime).unsqueeze(0), marginal)
         return value, marginal
 
-    def emit(self, active: torch.Tensor, tables: dict[str, torch.Tensor], x: torch.Tensor,
-             missing: torch.Tensor | None, evidence: torch.Tensor | None, chooser: Chooser,
-             uniforms: torch.Tensor | None, normals: Callable[[int], torch.Tensor] | None,
-             num_cats: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def scaled_forward(self, tables: Tables, x: torch.Tensor, missing: torch.Tensor | None, evidence,
+                       workspace: Workspace, runtime=None) -> ScaledValue | torch.Tensor:
+        """Input probabilities in the scaled representation (rows shifted by their maximum
+        unless every log-value is known to be <= 0: tabular inputs without soft evidence), or
+        the (B, n) log-values where some entry would fall below the floor."""
+        if evidence is None and missing is None and self.all_tabular and self._tables_are_small(tables, x.shape[0]):
+            value = self._observed_probabilities(tables, x, workspace)
+            if value is not None:
+                return value
+        log_values = self.log_forward(tables.log, x, missing, evidence, LOG_SUM, runtime)
+        value = checked(torch.exp(log_values), None, 0.0) if evidence is None and self.all_tabular else rescaled(log_values)
+        return log_values if value is None else value
+
+    def _tables_are_small(self, tables: Tables, batch: int) -> bool:
+        """Whether every table is at most twice the size of what a batch reads from it: only
+        then is a transposed linear copy of the tables worth keeping."""
+        return all(tables.circuit.bank_tensor(b["key"]).shape[0] * b["num_nodes"] * b["num_cats"]
+                   <= 2 * batch * getattr(self, f"var_{i}").numel() * b["num_nodes"] for i, b in enumerate(self.buckets))
+
+    def _observed_probabilities(self, tables: Tables, x: torch.Tensor, workspace: Workspace) -> ScaledValue | None:
+        """(B, num_input_nodes) probabilities of tabular inputs, fully observed, without
+        evidence: one row read per (row, variable) from the transposed linear tables."""
+        outs, low = [], 1.0
+        for i, bucket in enumerate(self.buckets):
+            var, bank = getattr(self, f"var_{i}"), getattr(self, f"bank_{i}")
+            k, n = bucket["num_cats"], bucket["num_nodes"]
+            linear, table_low = tables.linear(bucket["key"], transposed=True)  # (banks, K, n)
+            linear = linear.view(-1, n)
+            low = min(low, table_low)
+            idx = x.index_select(1, var).long().clamp(0, k - 1)
+            rows = (bank * k)[None, :] + idx
+            out = workspace.take(0, (rows.numel(), n), linear) if len(self.buckets) == 1 else None
+            outs.append(torch.index_select(linear, 0, rows.reshape(-1), out=out).view(x.shape[0], var.numel() * n))
+        owned = len(self.buckets) == 1 and workspace.enabled
+        return checked(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1), None, low, owned=owned)
+
+    def emit(self, active: torch.Tensor, tables: dict, x: torch.Tensor, missing: torch.Tensor | None,
+             evidence, chooser: Chooser, uniforms: torch.Tensor | None,
+             normals: Callable[[int], torch.Tensor] | None, num_cats: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Values of the active input nodes (one per sample and variable).
 
         Returns ``(x_out (B, V), node (B, V) active input node index, node_log_probs (B, V, K))``;
-        observed entries of ``x`` are kept, missing ones drawn by ``chooser``.
+        observed entries of ``x`` are kept, missing ones drawn by ``chooser`` (tabular inputs)
+        or by the distribution (continuous inputs: draws from ``normals``, modes without).
         """
         batch, num_vars = x.shape
         x_out = x.clone()
         node = torch.full((batch, num_vars), -1, dtype=torch.long, device=x.device)
-        dtype = next(iter(tables.values())).dtype
+        dtype = next(t for t in tables.values() if t.is_floating_point()).dtype
         node_logp = torch.full((batch, num_vars, max(num_cats, 1)), -torch.inf, dtype=dtype, device=x.device)
         start = 0
         for i, bucket in enumerate(self.buckets):
@@ -249,11 +326,9 @@ class InputLayer(nn.Module):
             node[b, var] = start + flat
             draw = missing[b, var] if missing is not None else torch.zeros_like(b, dtype=torch.bool)
             u = uniforms[b, start + flat] if uniforms is not None else None
-            if bucket["kind"] == "gaussian":
-                params = tables[bucket["key"]][bank]  # (A, 2, n)
-                mean = params[torch.arange(len(j)), 0, j]
-                std = torch.exp(params[torch.arange(len(j)), 1, j])
-                value = mean if normals is None else mean + std * normals(len(j)).to(mean.dtype)
+            distribution = bucket["distribution"]
+            if not distribution.tabular:
+                value = distribution.draw(tables[bucket["key"]][bank], j, None if normals is None else normals(len(j)))
                 x_out[b, var] = torch.where(draw, value.to(x_out.dtype), x_out[b, var])
             else:
                 k = bucket["num_cats"]
@@ -272,11 +347,9 @@ class InputLayer(nn.Module):
 
 def _emit_topk(x_out: torch.Tensor, b: torch.Tensor, var: torch.Tensor, draw: torch.Tensor, logp: torch.Tensor,
                evidence: TopKEvidence, chooser: Chooser, u: torch.Tensor | None) -> None:
-    """Draw the missing values of active categorical inputs under top-k evidence into ``x_out``:
+    """Draw the missing values of active tabular inputs under top-k evidence into ``x_out``:
     among the k candidates (sorted by category, so inverse-CDF draws match the dense
-    evidence's), or among all categories where the variable is ``free``.
-
-    ``b``, ``var``, ``draw`` (A,) and ``logp`` (A, K) describe the active inputs; ``u`` (A,) uniforms or None."""
+    evidence's), or among all categories where the variable is ``free``."""
     free = evidence.free[b, var] if evidence.free is not None else torch.zeros_like(draw)
     for rows, sparse in ((draw & ~free, True), (draw & free, False)):
         if not bool(rows.any()):
@@ -291,87 +364,78 @@ def _emit_topk(x_out: torch.Tensor, b: torch.Tensor, var: torch.Tensor, draw: to
         x_out[b[rows], var[rows]] = chosen.to(x_out.dtype)
 
 
-def _outer_structure(child_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Detect products of two children laid out as G blocks of cross products.
-
-    Returns ``(left (G, S1), right (G, S2))`` with ``child_index[(g*S1 + i)*S2 + j] ==
-    (left[g, i], right[g, j])``, or None. Such a layer (RAT-SPN and Tucker-style region
-    products) is a broadcast sum ``z[left][..., None] + z[right][..., None, :]``.
-    """
-    first, second = child_index[:, 0], child_index[:, 1]
-    num = first.numel()
-    s2 = int((first != first[0]).nonzero()[0]) if bool((first != first[0]).any()) else num
-    if s2 < 2 or num % s2:
-        return None
-    rows = first.view(-1, s2)
-    if not bool((rows == rows[:, :1]).all()):
-        return None
-    right_rows = second.view(-1, s2)
-    differs = (right_rows != right_rows[0]).any(1)
-    s1 = int(differs.nonzero()[0]) if bool(differs.any()) else right_rows.shape[0]
-    if s1 < 2 or right_rows.shape[0] % s1:
-        return None
-    blocks = right_rows.view(-1, s1, s2)
-    if not bool((blocks == blocks[:, :1]).all()):
-        return None
-    return rows[:, 0].view(-1, s1), blocks[:, 0]
+def _multiply(parts: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Elementwise product of ``parts`` (at least two when ``out``, a buffer, is given)."""
+    if len(parts) == 1:
+        return parts[0]
+    result = torch.mul(parts[0], parts[1], out=out)
+    for part in parts[2:]:
+        result = result.mul_(part) if out is not None else result * part
+    return result
 
 
-def _block_stride(blocks: torch.Tensor) -> tuple[int, int] | None:
-    """``(start, step)`` when ``blocks`` (G, S) is ``start + g * step + s`` (every group a run
-    of S consecutive positions, groups ``step`` apart), else None."""
-    groups, size = blocks.shape
-    start = int(blocks[0, 0])
-    step = int(blocks[1, 0]) - start if groups > 1 else size
-    expected = start + step * torch.arange(groups)[:, None] + torch.arange(size)[None, :]
-    return (start, step) if step >= size and torch.equal(blocks.cpu(), expected) else None
+def _running_product(parts: list[torch.Tensor], scales: list[torch.Tensor | None], lows: list[float],
+                     out: torch.Tensor | None) -> ScaledValue | None:
+    """Elementwise product of (B, n) factors with scales and lower bounds, multiplied one by
+    one (into ``out`` when given); the running product is checked (and its rows renormalised)
+    before a factor could take its proven bound below the renormalisation threshold, so
+    products of many factors (HCLT) need no second pass."""
+    if len(parts) == 1:
+        return ScaledValue(parts[0], scales[0], lows[0])
+    renormalise_below = RENORMALISE_BELOW[parts[0].dtype]
+    result = torch.mul(parts[0], parts[1], out=out)
+    owned = True
+    scale, low = add_scales(scales[0], scales[1]), lows[0] * lows[1]
+    for part, part_scale, part_low in zip(parts[2:], scales[2:], lows[2:]):
+        if low * part_low < renormalise_below:
+            value = checked(result, scale, low, owned=owned)
+            if value is None:
+                return None
+            result, scale, low = value.p, value.c, value.low
+        result = result.mul_(part) if out is not None else result * part
+        scale, low = add_scales(scale, part_scale), low * part_low
+    return checked(result, scale, low, owned=out is not None)
 
 
-class ProductLayer(_GatherMixin):
-    """Products as gather-and-add: (B, M) -> (B, P) summing ``F`` gathered children."""
+class ProductLayer(_Reader):
+    """Products: sums of children's log-values, or products of their probabilities."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: ProductLayerSpec):
         super().__init__()
-        self._init_sources(spec["sources"])
-        _register(self, "child_index", spec["children"])
-        self.padded = bool(spec["padded"])
-        self.num_nodes = spec["children"].shape[0]
-        self.column_reads = None if self.padded else self._column_reads()
-        # Per child column: the start of a contiguous run of z (read as a view), else None.
-        self.child_starts = [_contiguous_start(self.child_index[:, f]) for f in range(self.child_index.shape[1])]
-        self.outer = None
-        self.outer_strides: tuple[tuple[int, int] | None, tuple[int, int] | None] = (None, None)
-        if self.column_reads is None and not self.padded and self.child_index.shape[1] == 2:
-            self.outer = _outer_structure(self.child_index)
-            if self.outer is not None:
-                _register(self, "outer_left", self.outer[0].reshape(-1))
-                _register(self, "outer_right", self.outer[1].reshape(-1))
-                self.outer_strides = (_block_stride(self.outer[0]), _block_stride(self.outer[1]))
-
-    def _column_reads(self) -> list[tuple[int, int, int]] | None:
-        """(layer, start, length) per child column when every column of ``child_index`` is a
-        contiguous run inside one contiguous source segment: the product is then a plain
-        sum of column ranges of earlier outputs, with no gather and no index_select."""
-        reads = []
-        for f in range(self.child_index.shape[1]):
-            first = _contiguous_start(self.child_index[:, f])
-            if first is None:
-                return None
-            offset = 0
-            for i, (layer, span) in enumerate(zip(self.source_layers, self.source_ranges)):
-                length = getattr(self, f"source_{i}").numel()
-                if span is not None and offset <= first and first + self.num_nodes <= offset + length:
-                    reads.append((layer, span[0] + first - offset, self.num_nodes))
-                    break
-                offset += length
-            else:
-                return None
-        return reads
+        self._init_sources(spec)
+        _register(self, "child_index", spec.children)
+        self.padded = bool(spec.padded)
+        self.num_nodes = spec.children.shape[0]
+        self.column_reads = spec.column_reads
+        self.child_starts = spec.child_starts or [None] * spec.children.shape[1]
+        self.outer = spec.outer
+        self.outer_strides = spec.outer_strides
+        if self.outer is not None:
+            _register(self, "outer_left", self.outer[0].reshape(-1))
+            _register(self, "outer_right", self.outer[1].reshape(-1))
 
     def reads(self) -> list[tuple[int, int, int]]:
         return self.column_reads if self.column_reads is not None else super().reads()
 
-    def forward(self, outputs: list[torch.Tensor], semiring: Semiring) -> torch.Tensor:
+    @property
+    def fan_in(self) -> int:
+        return self.child_index.shape[1]
+
+    def child_column(self, z: torch.Tensor, f: int) -> torch.Tensor:
+        """(B, P) values of every product's ``f``-th child from the gathered ``z`` (B, M)."""
+        start = self.child_starts[f]
+        if start is not None:
+            return z.narrow(1, start, self.num_nodes)
+        return z.index_select(1, self.child_index[:, f])
+
+    def _outer_parts(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        groups, left, right = self.outer[0].shape[0], self.outer[0].shape[1], self.outer[1].shape[1]
+        a = z.index_select(1, self.outer_left).view(-1, groups, left, 1)
+        b = z.index_select(1, self.outer_right).view(-1, groups, 1, right)
+        return a, b
+
+    def log_forward(self, outputs: list[torch.Tensor], representation=None) -> torch.Tensor:
+        """(B, P) log-values: the sum of every product's children's log-values."""
         if self.column_reads is not None:
             parts = [read_columns(outputs, *read) for read in self.column_reads]
             out = parts[0] + parts[1] if len(parts) > 1 else parts[0].clone()
@@ -380,109 +444,183 @@ class ProductLayer(_GatherMixin):
             return out
         z = self.gather(outputs)
         if self.outer is not None:  # blocks of cross products: one broadcast add, no big gathers
-            groups, left, right = self.outer[0].shape[0], self.outer[0].shape[1], self.outer[1].shape[1]
-            a = z.index_select(1, self.outer_left).view(-1, groups, left, 1)
-            b = z.index_select(1, self.outer_right).view(-1, groups, 1, right)
+            a, b = self._outer_parts(z)
             return (a + b).view(z.shape[0], -1)
         if self.padded:
             z = torch.cat([z, z.new_zeros(z.shape[0], 1)], dim=1)
         out = self.child_column(z, 0)
-        for f in range(1, self.child_index.shape[1]):
+        for f in range(1, self.fan_in):
             out = out + self.child_column(z, f)
         return out
 
-    def child_column(self, z: torch.Tensor, f: int) -> torch.Tensor:
-        """(B, P) values of every product's ``f``-th child from the gathered ``z`` (B, M): a
-        view where those children are a contiguous run of ``z``, else a gather."""
-        start = self.child_starts[f]
-        if start is not None:
-            return z.narrow(1, start, self.num_nodes)
-        return z.index_select(1, self.child_index[:, f])
+    def scaled_forward(self, outputs: ScaledOutputs, workspace: Workspace, slot: int) -> ScaledValue | None:
+        """(B, P) probabilities: the product of every product's children; None below the floor."""
+        if self.column_reads is not None:
+            parts = [read_columns(outputs.probs, *read) for read in self.column_reads]
+            scales = [outputs.scales[s] for s, _, _ in self.column_reads]
+            lows = [outputs.lows[s] for s, _, _ in self.column_reads]
+            out = workspace.take(slot, parts[0].shape, parts[0]) if len(parts) > 1 else None
+            result = _running_product(parts, scales, lows, out)
+            if result is None:  # small factors: bring each factor's largest entry per row to 1 first
+                tops = [part.detach().amax(1, keepdim=True) for part in parts]
+                tops = [torch.where(top > 0, top, torch.ones_like(top)) for top in tops]
+                scale = None
+                for s, top in zip(scales, tops):
+                    scale = add_scales(add_scales(scale, s), top.log())
+                result = checked(_multiply([part / top for part, top in zip(parts, tops)]), scale, 0.0)
+            return result
+        z, common, low = self.gather_scaled(outputs)
+        if self.padded:  # a padded child is the value 1 at every scale: pad with exp(-common)
+            pad = torch.ones_like(z[:, :1]) if common is None else torch.exp(-common)
+            if not bool((pad <= 1).all()):
+                return None
+            z, low = torch.cat([z, pad], dim=1), min(low, float(pad.min()) if pad.numel() else 1.0)
+        if low ** self.fan_in < RENORMALISE_BELOW[z.dtype]:  # many small factors: first bring each row's largest to 1
+            top = z.detach().amax(1, keepdim=True)
+            top = torch.where(top > 0, top, torch.ones_like(top))
+            z, common, low = z / top, add_scales(common, top.log()), 0.0
+        scale = None if common is None else common * self.fan_in
+        if self.outer is not None:
+            a, b = self._outer_parts(z)
+            return checked((a * b).view(z.shape[0], -1), scale, low * low)
+        return checked(_multiply([self.child_column(z, f) for f in range(self.fan_in)]), scale, low ** self.fan_in)
 
-    def select(self, active: torch.Tensor, outputs: list[torch.Tensor], params: dict, chooser: Chooser,
+    def select(self, active: torch.Tensor, outputs: list[torch.Tensor], tables: dict, chooser: Chooser,
                uniforms: torch.Tensor | None) -> torch.Tensor:
         """Active positions of ``z`` (B, M): every child of an active product is active."""
         active_z = active.new_zeros(active.shape[0], self.width + 1)
-        # Several products may share a child: assign True (never copy masks) so no write is lost.
         b, j = active.nonzero(as_tuple=True)
         active_z[b[:, None], self.child_index[j]] = True
         return active_z[:, : self.width]
 
 
-class SumLayer(_GatherMixin):
-    """Sums: per dense bucket one batched matrix product; per sparse group a padded logsumexp."""
+class SumLayer(_Reader):
+    """Sums: per dense bucket one batched matrix product; per sparse group a padded sum."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: SumLayerSpec):
         super().__init__()
-        self._init_sources(spec["sources"])
+        self._init_sources(spec)
         self.dense = []
-        for i, bucket in enumerate(spec["dense"]):
-            _register(self, f"dense_children_{i}", bucket["children"])
-            _register(self, f"dense_bank_{i}", bucket["group_bank"])
-            bank = bucket["group_bank"]
-            shared = int(bank[0]) if bool((bank == bank[0]).all()) else None
-            groups, child_count = bucket["children"].shape
-            self.dense.append({"key": bucket["key"], "shared": shared, "groups": groups, "child_count": child_count,
-                               "start": _contiguous_start(bucket["children"].reshape(-1)),
-                               "bank_start": _contiguous_start(bank)})
+        for i, bucket in enumerate(spec.dense):
+            _register(self, f"dense_children_{i}", bucket.children)
+            _register(self, f"dense_bank_{i}", bucket.group_bank)
+            groups, child_count = bucket.children.shape
+            self.dense.append({"key": bucket.key, "shared": bucket.shared_bank, "groups": groups,
+                               "child_count": child_count, "start": bucket.children_start,
+                               "bank_start": bucket.bank_start})
         self.sparse = []
-        for i, bucket in enumerate(spec["sparse"]):
-            _register(self, f"sparse_children_{i}", bucket["children"])
-            self.sparse.append({"key": bucket["key"]})
+        for i, bucket in enumerate(spec.sparse):
+            _register(self, f"sparse_children_{i}", bucket.children)
+            self.sparse.append({"key": bucket.key})
+        self.fused_cross_products = spec.fused_cross_products
 
     def single_banks(self) -> set[tuple[str, int]]:
         """(key, bank) of the dense buckets whose groups all use one weight bank."""
         return {(spec["key"], spec["shared"]) for spec in self.dense if spec["shared"] is not None}
 
-    def _dense_logw(self, i: int, logweights: dict[str, torch.Tensor], broadcast: bool) -> torch.Tensor:
+    def dense_logw(self, i: int, logweights: dict, broadcast: bool) -> torch.Tensor:
+        """Weights of dense bucket ``i`` from ``logweights`` (log or linear tables by key):
+        (G, N, C), or (1, N, C) when every group shares one bank and ``broadcast``."""
         spec = self.dense[i]
         table = logweights[spec["key"]]
         if spec["shared"] is not None and broadcast:
             view = logweights.get((spec["key"], spec["shared"]))  # type: ignore[call-overload]
             return (table[spec["shared"]] if view is None else view).unsqueeze(0)
-        if spec["bank_start"] is not None:  # consecutive banks: a view (its backward is a slice, not a scatter)
+        if spec["bank_start"] is not None:  # consecutive banks: a view (its backward is a slice)
             return table.narrow(0, spec["bank_start"], spec["groups"])
         return table.index_select(0, getattr(self, f"dense_bank_{i}"))
 
-    def _dense_inputs(self, i: int, z: torch.Tensor) -> torch.Tensor:
+    def dense_inputs(self, i: int, z: torch.Tensor) -> torch.Tensor:
+        """(B, G, C) children of dense bucket ``i`` from the gathered ``z``."""
         spec = self.dense[i]
         width = spec["groups"] * spec["child_count"]
-        if spec["start"] == 0 and width == z.shape[1]:  # children are all of z
+        if spec["start"] == 0 and width == z.shape[1]:
             return z.view(z.shape[0], spec["groups"], spec["child_count"])
-        if spec["start"] is not None:  # children are a contiguous run of z: a view, no copy
-            return z.narrow(1, spec["start"], width).view(
-                z.shape[0], spec["groups"], spec["child_count"])
-        return z.index_select(1, getattr(self, f"dense_children_{i}").reshape(-1)).view(z.shape[0], spec["groups"], spec["child_count"])
+        if spec["start"] is not None:
+            return z.narrow(1, spec["start"], width).view(z.shape[0], spec["groups"], spec["child_count"])
+        return z.index_select(1, getattr(self, f"dense_children_{i}").reshape(-1)).view(
+            z.shape[0], spec["groups"], spec["child_count"])
 
-    def _padded_z(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.cat([z, z.new_full((z.shape[0], 1), -torch.inf)], dim=1)
+    def _sparse_inputs(self, i: int, z: torch.Tensor, pad: float) -> torch.Tensor:
+        """(B, N, F) children of sparse group ``i`` (``pad`` at padding positions)."""
+        zp = torch.cat([z, z.new_full((z.shape[0], 1), pad)], dim=1)
+        children = getattr(self, f"sparse_children_{i}")
+        return zp.index_select(1, children.reshape(-1)).view(z.shape[0], *children.shape)
 
-    def forward(self, outputs: list[torch.Tensor], logweights: dict[str, torch.Tensor], semiring: Semiring) -> torch.Tensor:
-        """``logweights`` maps bank keys to normalised log-weights (banks, N, C) or (N, F)."""
+    def log_forward(self, outputs: list[torch.Tensor], logweights: dict, representation,
+                    runtime=None) -> torch.Tensor:
+        """(B, n) log-values; ``logweights`` maps bank keys to normalised log-weights."""
         z = self.gather(outputs)
-        outs = []
-        for i in range(len(self.dense)):
-            x = self._dense_inputs(i, z)
-            outs.append(semiring.sum_dense(x, self._dense_logw(i, logweights, True)).flatten(1))
-        if self.sparse:
-            zp = self._padded_z(z)
-            for i, spec in enumerate(self.sparse):
-                children = getattr(self, f"sparse_children_{i}")
-                a = zp.index_select(1, children.reshape(-1)).view(z.shape[0], *children.shape) + logweights[spec["key"]]
-                outs.append(semiring.sum_padded(a))
+        outs = [representation.sum_dense(self.dense_inputs(i, z), self.dense_logw(i, logweights, True), runtime).flatten(1)
+                for i in range(len(self.dense))]
+        for i, spec in enumerate(self.sparse):
+            outs.append(representation.sum_padded(self._sparse_inputs(i, z, -torch.inf) + logweights[spec["key"]], runtime))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
-    def select(self, active: torch.Tensor, outputs: list[torch.Tensor], logweights: dict[str, torch.Tensor],
+    def dense_weights(self, i: int, tables: Tables) -> torch.Tensor:
+        """Linear weights of dense bucket ``i`` transposed for ``x @ w``: (C, N) when every
+        group uses one bank, else (G, C, N)."""
+        spec = self.dense[i]
+        if not tables.cached:  # exp of the (bank views of the) log-tables, so gradients flow per bank
+            w = torch.exp(self.dense_logw(i, tables.log, True)).transpose(1, 2)
+            return w[0] if spec["shared"] is not None else w
+        if spec["shared"] is not None:
+            return tables.bank_weights(spec["key"], spec["shared"])
+        linear, _ = tables.linear(spec["key"])
+        return self.dense_logw(i, {spec["key"]: linear}, True).transpose(1, 2)
+
+    def scaled_forward(self, outputs: ScaledOutputs, tables: Tables, workspace: Workspace, slot: int) -> ScaledValue | None:
+        """(B, n) probabilities; None below the floor."""
+        z, common, low = self.gather_scaled(outputs)
+        if len(self.dense) == 1 and not self.sparse:  # the matrix product is the layer output
+            x, w = self.dense_inputs(0, z), self.dense_weights(0, tables)
+            out = workspace.take(slot, (x.shape[0], x.shape[1] * w.shape[-1]), z)
+            s, owned = SCALED.sum_dense(x, w, out), out is not None
+        else:
+            outs = [SCALED.sum_dense(self.dense_inputs(i, z), self.dense_weights(i, tables)) for i in range(len(self.dense))]
+            for i, spec in enumerate(self.sparse):
+                outs.append(SCALED.sum_padded(self._sparse_inputs(i, z, 0.0) * tables.linear(spec["key"])[0]))
+            s, owned = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1), False
+        # every sum is a convex combination of its children (normalised weights), so it is at
+        # least their smallest entry; the slack covers rounding of the weights and the product
+        return checked(s, common, low * CONVEX_SLACK, owned=owned)
+
+    def scaled_fused_forward(self, product: ProductLayer, outputs: ScaledOutputs, tables: Tables,
+                             workspace: Workspace, slot: int) -> ScaledValue | None:
+        """This layer over the cross-product layer ``product`` before it, without materialising
+        all cross products (:func:`pclayer.ops.cross_product_sum`). None when the factors'
+        lower bound cannot prove that no cross product underflows."""
+        z, common, low = product.gather_scaled(outputs)
+        if not low * low >= SAFE_FLOOR[z.dtype]:
+            return None
+        groups, left, right = product.outer[0].shape[0], product.outer[0].shape[1], product.outer[1].shape[1]
+        batch = z.shape[0]
+        a = _group_major(z, product.outer_left, groups, workspace, "left", product.outer_strides[0])
+        c = _group_major(z, product.outer_right, groups, workspace, "right", product.outer_strides[1])
+        w = self.dense_weights(0, tables)  # (left*right, N) or (G, left*right, N)
+        n = w.shape[-1]
+        chunk = cross_product_chunk(groups, batch, left * right)
+        s = cross_product_sum(a, c, w, crosses=workspace.scratch("crosses", (chunk, batch, left, right), z),
+                              out=workspace.scratch("sums", (groups, batch, n), z))
+        result = workspace.take(slot, (batch, groups * n), z)
+        if result is None:
+            result = s.transpose(0, 1).reshape(batch, groups * n)
+        else:
+            result.view(batch, groups, n).copy_(s.transpose(0, 1))
+        return checked(result, None if common is None else common * 2, low * low * CONVEX_SLACK, owned=workspace.enabled)
+
+    def select(self, active: torch.Tensor, outputs: list[torch.Tensor], logweights: dict,
                chooser: Chooser, uniforms: torch.Tensor | None) -> torch.Tensor:
         """Active positions of ``z`` (B, M): each active sum node picks one child with
-        probability proportional to weight times child value (or the best one for MPE)."""
+        probability proportional to weight times child value (or the best one for MPE);
+        ``outputs`` are log-values."""
         z = self.gather(outputs)
         batch = z.shape[0]
         active_z = active.new_zeros(batch, self.width + 1)
         start = 0
         for i, spec in enumerate(self.dense):
-            x = self._dense_inputs(i, z)
-            logw = self._dense_logw(i, logweights, False)
+            x = self.dense_inputs(i, z)
+            logw = self.dense_logw(i, logweights, False)
             n = logw.shape[1]
             size = spec["groups"] * n
             b, flat = active[:, start:start + size].nonzero(as_tuple=True)
@@ -493,7 +631,7 @@ class SumLayer(_GatherMixin):
             active_z[b, getattr(self, f"dense_children_{i}")[g, chosen]] = True
             start += size
         if self.sparse:
-            zp = self._padded_z(z)
+            zp = torch.cat([z, z.new_full((batch, 1), -torch.inf)], dim=1)
             for i, spec in enumerate(self.sparse):
                 children = getattr(self, f"sparse_children_{i}")
                 size = children.shape[0]
@@ -504,3 +642,25 @@ class SumLayer(_GatherMixin):
                 active_z[b, children[j, chosen]] = True
                 start += size
         return active_z[:, : self.width]
+
+
+def _group_major(z: torch.Tensor, index: torch.Tensor, groups: int, workspace: Workspace, name: str,
+                 stride: tuple[int, int] | None) -> torch.Tensor:
+    """(G, B, S) contiguous copy of the columns ``index`` (G*S,) of ``z`` (B, M), read group by
+    group; ``stride`` = ``(start, step)`` when the groups are evenly spaced runs of columns
+    (read then as a strided view without a gather; only into a workspace buffer)."""
+    batch, size = z.shape[0], index.numel() // groups
+    out = workspace.scratch(name, (groups, batch, size), z)
+    if stride is not None and out is not None and z.stride(1) == 1:
+        start, step = stride
+        view = z.as_strided((batch, groups, size), (z.stride(0), step, 1), z.storage_offset() + start)
+        return out.copy_(view.transpose(0, 1))
+    picked = workspace.scratch(name + "-picked", (batch, index.numel()), z)
+    picked = torch.index_select(z, 1, index, out=picked)
+    if out is None:
+        return picked.view(batch, groups, size).transpose(0, 1).contiguous()
+    return out.copy_(picked.view(batch, groups, size).transpose(0, 1))
+
+
+LAYER_TYPES = {InputLayerSpec: InputLayer, ProductLayerSpec: ProductLayer, SumLayerSpec: SumLayer}
+"""The module class of every layer spec type."""

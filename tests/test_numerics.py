@@ -17,7 +17,7 @@ from conftest import evidence, random_circuits
 from pclayer.ops import log_matmul_exp
 
 # The module (shadowed by the function of the same name in pclayer.ops) and its floor table.
-_SAFE_SUM_FLOOR = importlib.import_module("pclayer.ops.log_matmul_exp")._SAFE_SUM_FLOOR
+from pclayer.numerics import SAFE_FLOOR as _SAFE_SUM_FLOOR
 
 
 def test_long_wide_hmm_in_fp32_does_not_underflow():

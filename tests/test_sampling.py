@@ -110,10 +110,10 @@ def _input_node_map(circuit: pc.TensorCircuit) -> tuple[np.ndarray, list[np.ndar
     """Variable of every input-layer node and its normalised log-probability row."""
     tables = circuit.log_tables()
     node_var, rows = [], []
-    for bucket in circuit.plan.layers[0]["buckets"]:
-        table = tables[bucket["key"]].detach().numpy()
-        for bank, var in zip(bucket["group_bank"].tolist(), bucket["group_var"].tolist()):
-            for j in range(bucket["num_nodes"]):
+    for bucket in circuit.plan.layers[0].buckets:
+        table = tables[bucket.key].detach().numpy()
+        for bank, var in zip(bucket.group_bank.tolist(), bucket.group_var.tolist()):
+            for j in range(bucket.num_nodes):
                 node_var.append(var)
                 rows.append(table[bank, j])
     return np.array(node_var), rows

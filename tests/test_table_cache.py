@@ -1,5 +1,5 @@
-"""The cache of normalised tables in TensorCircuit.log_tables: reused only while every
-parameter and buffer is unchanged, never under autograd."""
+"""The runtime's caches of normalised tables: reused only while every parameter and buffer
+is unchanged (one invalidation rule), never under autograd."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pclayer.learn import compute_flows, m_step
+from pclayer.representations import LOG_SUM
 
 
 def _circuit() -> pc.TensorCircuit:
@@ -23,7 +24,8 @@ X = torch.tensor([[0, 1, 2], [3, 3, 0]])
 def _fresh(circuit: pc.TensorCircuit) -> torch.Tensor:
     """log_prob computed from uncached tables."""
     with torch.no_grad():
-        return circuit.root_value(circuit.layer_values(X.to(circuit.device), None, None, tables=circuit._compute_log_tables()))
+        return circuit.evaluate(LOG_SUM, X.to(circuit.device), None, None,
+                                circuit.tables(circuit._compute_log_tables())).root(circuit)
 
 
 def _cached(circuit: pc.TensorCircuit) -> torch.Tensor:
@@ -115,15 +117,14 @@ def test_copies_and_pickles_do_not_carry_the_cache():
     before = _cached(circuit)
     with torch.no_grad():
         circuit.log_tables()
-    caches = ("_table_cache", "_linear_tables", "_scaled_workspaces")
-    assert all(name in circuit.__dict__ for name in caches)
+    assert circuit.runtime.log_entry is not None and circuit.runtime.linear_entries
     clone = copy.deepcopy(circuit)
-    assert not any(name in clone.__dict__ for name in caches)
+    assert clone.runtime.log_entry is None and not clone.runtime.linear_entries
     buffer = io.BytesIO()
     torch.save(circuit, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
-    assert not any(name in loaded.__dict__ for name in caches)
+    assert loaded.runtime.log_entry is None and not loaded.runtime.linear_entries
     with torch.no_grad():
         next(iter(clone.params.values())).mul_(2.0)
     assert (_cached(clone) - before).abs().max() > 1e-2

@@ -1,7 +1,7 @@
 """pclayer's own file format: one safetensors file holding a compiled circuit.
 
 Tensors (the plan's index tensors, the current parameter values and the fixed
-tables) are safetensors entries; the structure of the :class:`~pclayer.compiler.Plan`
+tables) are safetensors entries; the structure of the :class:`~pclayer.plan.Plan`
 (its layer dicts, with tensors replaced by ``{"__tensor__": name}``) is JSON in the
 safetensors metadata, next to the format name, the format version, the parameter
 dtype and a SHA-256 digest of the structure and every tensor. Nothing in the file
@@ -13,7 +13,6 @@ leaves the previous file (or none) and never a half-written one.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
@@ -25,43 +24,38 @@ import torch
 from safetensors import SafetensorError
 
 from pclayer.circuit import TensorCircuit
-from pclayer.compiler import Plan
+from pclayer.io.plan_format import plan_from_dict, plan_to_dict
+from pclayer.passes import optimize as optimize_plan
 from pclayer.io.errors import CircuitFileError
 
 FORMAT_NAME = "pclayer-circuit"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 stores typed banks and input distributions by class name; version-1 files
+(pclayer 0.1) are migrated on load (see :mod:`pclayer.io.plan_format`)."""
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _TENSOR = "__tensor__"
 
 
-def _encode(value: object, tensors: dict[str, torch.Tensor]) -> object:
-    """JSON-able copy of plan data; tensors move into ``tensors`` under fresh names."""
-    if isinstance(value, torch.Tensor):
+def _storer(tensors: dict[str, torch.Tensor]):
+    """A callback that moves a plan tensor into ``tensors`` under a fresh name and returns
+    its JSON reference."""
+    def store(value: torch.Tensor) -> dict:
         name = f"plan/{len(tensors)}"
         tensors[name] = value.detach().cpu().contiguous()
         return {_TENSOR: name}
-    if isinstance(value, dict):
-        if _TENSOR in value:
-            raise ValueError(f"plan: dict key {_TENSOR!r} is reserved by the file format")
-        return {str(k): _encode(v, tensors) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_encode(v, tensors) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"plan: cannot serialise a value of type {type(value).__name__}")
+    return store
 
 
-def _decode(value: object, tensors: dict[str, torch.Tensor]) -> object:
-    if isinstance(value, dict):
-        if set(value) == {_TENSOR}:
-            name = value[_TENSOR]
-            if name not in tensors:
-                raise CircuitFileError(f"structure refers to tensor {name!r}, which the file does not contain")
-            return tensors[name]
-        return {k: _decode(v, tensors) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_decode(v, tensors) for v in value]
-    return value
+def _fetcher(tensors: dict[str, torch.Tensor]):
+    """The inverse of :func:`_storer` over a loaded file's tensors."""
+    def fetch(reference: object) -> torch.Tensor:
+        if not isinstance(reference, dict) or set(reference) != {_TENSOR}:
+            raise CircuitFileError(f"structure: expected a tensor reference, got {reference!r}")
+        name = reference[_TENSOR]
+        if name not in tensors:
+            raise CircuitFileError(f"structure refers to tensor {name!r}, which the file does not contain")
+        return tensors[name]
+    return fetch
 
 
 def _digest(structure: str, tensors: dict[str, torch.Tensor]) -> str:
@@ -107,9 +101,9 @@ def save(path: str | os.PathLike, circuit: TensorCircuit) -> None:
         raise FileNotFoundError(f"path: directory {str(path.parent)!r} does not exist")
     tensors: dict[str, torch.Tensor] = {}
     plan = circuit.plan
-    fields = {f.name: _encode(getattr(plan, f.name), tensors) for f in dataclasses.fields(Plan)
-              if f.name not in ("params", "fixed")}
-    structure = json.dumps({"plan": fields, "params": sorted(circuit.params), "fixed": sorted(plan.fixed)})
+    fields = plan_to_dict(plan, _storer(tensors))
+    structure = json.dumps({"plan": fields, "params": sorted(circuit.params), "fixed": sorted(plan.fixed),
+                            "optimized": plan.optimized, "backend": circuit.runtime.backend})
     for key, value in circuit.params.items():
         tensors[f"params/{key}"] = value.detach().cpu().contiguous()
     for key in plan.fixed:
@@ -153,12 +147,14 @@ def _read_metadata(raw: bytes, where: str) -> dict[str, str]:
     return metadata
 
 
-def load(path: str | os.PathLike, device: torch.device | str | None = None) -> TensorCircuit:
-    """Read a circuit written by :func:`save`.
+def load(path: str | os.PathLike, device: torch.device | str | None = None, *,
+         optimize: bool | None = None) -> TensorCircuit:
+    """Read a circuit written by :func:`save` (any format version up to the current one).
 
     Args:
         path: the file.
         device: where to put the circuit (default CPU).
+        optimize: run the optimisation passes (default: as the saved circuit was compiled).
 
     Returns:
         A :class:`pclayer.TensorCircuit` with the saved structure, dtype and parameters;
@@ -182,12 +178,11 @@ def load(path: str | os.PathLike, device: torch.device | str | None = None) -> T
         raise CircuitFileError(f"{where}: unknown parameter dtype {metadata.get('dtype')!r}")
     try:
         structure = json.loads(structure_text)
-        fields = _decode(structure["plan"], tensors)
-        fields["root"] = (int(fields["root"][0]), int(fields["root"][1]))
-        plan = Plan(**fields,
-                    params={key: tensors[f"params/{key}"] for key in structure["params"]},
-                    fixed={key: tensors[f"fixed/{key}"] for key in structure["fixed"]})
-        circuit = TensorCircuit(plan, dtype=dtype)
+        plan = plan_from_dict(structure["plan"], {key: tensors[f"params/{key}"] for key in structure["params"]},
+                              {key: tensors[f"fixed/{key}"] for key in structure["fixed"]}, _fetcher(tensors))
+        optimized = structure.get("optimized", True) if optimize is None else optimize
+        circuit = TensorCircuit(optimize_plan(plan) if optimized else plan, dtype=dtype,
+                                backend=structure.get("backend", "auto"))
     except CircuitFileError:
         raise
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:

@@ -47,10 +47,10 @@ def all_reduce_flows(flows: Flows, process_group=None) -> Flows:
     torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM, group=process_group)
     pieces = iter(buffer.split([t.numel() for t in parts]))
     counts = {k: next(pieces).view_as(flows.counts[k]) for k in sorted(flows.counts)}
-    gaussian = {k: next(pieces).view_as(flows.gaussian[k]) for k in sorted(flows.gaussian)}
+    statistics = {k: next(pieces).view_as(flows.statistics[k]) for k in sorted(flows.statistics)}
     log_likelihood = next(pieces).view_as(flows.log_likelihood)
     weight = next(pieces).view_as(flows.weight)
-    return Flows(counts, gaussian, log_likelihood, weight)
+    return Flows(counts, statistics, log_likelihood, weight)
 
 
 def shard(data: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:

@@ -5,12 +5,13 @@ takes one exact M-step, which never decreases the training log-likelihood.
 :class:`MiniBatchEM` takes a damped M-step after every batch:
 ``theta <- (1 - step_size) * theta + step_size * theta_batch``.
 
-The M-step of a sum node or categorical leaf is
+The M-step of a sum node is
 ``theta[n, c] = (flow[n, c] + pseudocount / C_n) / (sum_c flow[n, c] + pseudocount)``
-(``C_n`` = the node's number of children or categories). Gaussian leaves move their
-expectation parameters ``(E x, E x^2)`` the same way, with ``pseudocount``
-pseudo-observations at the current parameters and the standard deviation floored at
-``min_std``. Rows without flow (nodes no sample reached) and no pseudocount keep their
+(``C_n`` = the node's number of children). Input distributions own their M-step
+(:meth:`~pclayer.distributions.Distribution.m_step` from table counts: the same formula for
+categorical leaves; :meth:`~pclayer.distributions.Distribution.update_from_statistics` for
+continuous ones, e.g. Gaussians move ``(E x, E x^2)`` with ``pseudocount`` pseudo-observations
+at the current parameters and the standard deviation floored at ``min_std``). Rows without flow (nodes no sample reached) and no pseudocount keep their
 parameters. Tied groups share one bank row, so their flows add up before the M-step.
 """
 
@@ -22,7 +23,7 @@ import torch
 
 from pclayer.learn.distributed import all_reduce_flows
 from pclayer.learn.flows import Flows, compute_flows, zero_flows
-from pclayer.linear_tables import refresh_linear_tables
+from pclayer.distributions import smoothed_table_update
 
 
 def _check_hyper(step_size: float, pseudocount: float, min_std: float) -> None:
@@ -32,46 +33,6 @@ def _check_hyper(step_size: float, pseudocount: float, min_std: float) -> None:
         raise ValueError(f"pseudocount: expected a finite number >= 0, got {pseudocount!r}")
     if not (isinstance(min_std, (int, float)) and min_std > 0):
         raise ValueError(f"min_std: expected a positive number, got {min_std!r}")
-
-
-def _categorical_update(raw: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor | None,
-                        step_size: float, pseudocount: float) -> torch.Tensor:
-    """New probabilities of rows normalised over the last dimension, in ``raw``'s dtype:
-    ``raw`` holds the current unnormalised log-weights, ``counts`` the flows."""
-    logits = raw if mask is None else raw.masked_fill(~mask, -torch.inf)
-    old = torch.softmax(logits, dim=-1)
-    flows = counts
-    counts = counts.to(raw.dtype)
-    if mask is None:  # dense rows: no masking passes (this runs on every parameter every step)
-        numerator = counts + pseudocount / counts.shape[-1] if pseudocount else counts
-    else:
-        size = mask.sum(-1, keepdim=True).to(counts.dtype)
-        numerator = torch.where(mask, counts + pseudocount / size, torch.zeros_like(counts))
-    total = numerator.sum(-1, keepdim=True)
-    reached = total > 0
-    if bool(reached.all()):  # the common case: no row keeps its parameters, so update in place
-        target = numerator.div_(total) if numerator is not flows else numerator / total  # never write the flows
-        return target if step_size == 1 else old.lerp_(target, step_size)
-    target = numerator / torch.where(reached, total, torch.ones_like(total))
-    return torch.where(reached, torch.lerp(old, target, step_size), old)
-
-
-def _gaussian_update(old: torch.Tensor, stats: torch.Tensor, step_size: float, pseudocount: float,
-                     min_std: float) -> torch.Tensor:
-    """New (banks, 2, n) (mean, log-std) from (banks, 3, n) flow statistics."""
-    mean, std = old[:, 0].double(), torch.exp(old[:, 1].double())
-    second = mean * mean + std * std
-    weight = stats[:, 0] + pseudocount
-    first_sum = stats[:, 1] + pseudocount * mean
-    second_sum = stats[:, 2] + pseudocount * second
-    reached = weight > 0
-    safe = torch.where(reached, weight, torch.ones_like(weight))
-    target_mean = torch.where(reached, first_sum / safe, mean)
-    target_second = torch.where(reached, second_sum / safe, second)
-    new_mean = (1 - step_size) * mean + step_size * target_mean
-    new_second = (1 - step_size) * second + step_size * target_second
-    variance = (new_second - new_mean * new_mean).clamp(min=min_std * min_std)
-    return torch.stack([new_mean, 0.5 * torch.log(variance)], dim=1)
 
 
 @torch.no_grad()
@@ -88,15 +49,22 @@ def m_step(circuit, flows: Flows, *, step_size: float = 1.0, pseudocount: float 
     _check_hyper(step_size, pseudocount, min_std)
     for key, counts in flows.counts.items():
         param = circuit.params[key]
-        mask = getattr(circuit, f"fixed_{key}_mask") if key.startswith("sparse_") else None
-        new = _categorical_update(param, counts, mask, step_size, pseudocount)
-        torch.log(new, out=param)  # the new normalised log-weights, written in place
-        if mask is not None:
-            param.masked_fill_(~mask, 0.0)
-        refresh_linear_tables(circuit, key, new)  # the next no-grad forward needs no softmax
-    for key, stats in flows.gaussian.items():
-        new = _gaussian_update(circuit.params[key], stats, step_size, pseudocount, min_std)
-        circuit.params[key].copy_(new.to(circuit.params[key].dtype))
+        bank = circuit.plan.banks[key]
+        if bank.role == "input":  # the distribution maps table counts to its parameters
+            new_bank, new = circuit.bank_distribution(key).m_step(param, counts, step_size, pseudocount)
+            param.copy_(new_bank)
+        else:
+            mask = circuit.fixed_tensor(bank.mask) if bank.mask else None
+            logits = param if mask is None else param.masked_fill(~mask, -torch.inf)
+            new = smoothed_table_update(torch.softmax(logits, dim=-1), counts, mask, step_size, pseudocount)
+            torch.log(new, out=param)  # the new normalised log-weights, written in place
+            if mask is not None:
+                param.masked_fill_(~mask, 0.0)
+        circuit.parameters_updated(key, new)  # the next no-grad forward needs no softmax
+    for key, stats in flows.statistics.items():
+        new = circuit.bank_distribution(key).update_from_statistics(circuit.params[key], stats, step_size,
+                                                                     pseudocount, min_std)
+        circuit.params[key].copy_(new)
 
 
 class _EMBase:

@@ -6,8 +6,9 @@ of ``sum_b w_b log p(x_b)`` with respect to its *normalised* log-value: for a su
 categorical table entry (node ``n``, value ``k``) ``sum_b w_b P(node n emits k | x_b)``.
 Missing values and soft evidence need no special case: both are part of the forward
 pass, so the gradient is the expected count under the posterior they define.
-Gaussian inputs need flow-weighted sufficient statistics; their node flows are the
-gradient with respect to the input layer's output.
+Continuous inputs need flow-weighted sufficient statistics (their distribution's
+:meth:`~pclayer.distributions.Distribution.statistics`); their node flows are the gradient
+with respect to the input layer's output.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from pclayer.queries.evidence import prepare, require_positive
+from pclayer.representations import LOG_SUM
 
 
 @dataclass
@@ -24,17 +26,16 @@ class Flows:
     """Expected counts of one or more batches, accumulated in float64.
 
     Attributes:
-        counts: by parameter key (``sum_*``, ``sparse_*``, ``cat_*``): tensors shaped like
-            the circuit's normalised log-table, holding expected counts.
-        gaussian: by ``gauss_*`` key: (banks, 3, n) flow-weighted statistics
-            ``(sum f, sum f * x, sum f * x**2)``; missing entries contribute the node's
-            expected ``x`` and ``x**2``.
+        counts: by bank key of sums and tabular inputs: tensors shaped like the circuit's
+            normalised log-table, holding expected counts.
+        statistics: by bank key of continuous inputs: (banks, S, n) flow-weighted sufficient
+            statistics of the bank's distribution (missing entries contribute expectations).
         log_likelihood: weighted sum of the batch log-likelihoods (0-dim).
         weight: sum of the sample weights (0-dim).
     """
 
     counts: dict[str, torch.Tensor]
-    gaussian: dict[str, torch.Tensor]
+    statistics: dict[str, torch.Tensor]
     log_likelihood: torch.Tensor
     weight: torch.Tensor
 
@@ -42,15 +43,15 @@ class Flows:
         """Add ``other`` into these flows in place; returns ``self``."""
         for key, value in other.counts.items():
             self.counts[key] += value
-        for key, value in other.gaussian.items():
-            self.gaussian[key] += value
+        for key, value in other.statistics.items():
+            self.statistics[key] += value
         self.log_likelihood += other.log_likelihood
         self.weight += other.weight
         return self
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor of the flows in a fixed order (for collective communication)."""
-        return [*(self.counts[k] for k in sorted(self.counts)), *(self.gaussian[k] for k in sorted(self.gaussian)),
+        return [*(self.counts[k] for k in sorted(self.counts)), *(self.statistics[k] for k in sorted(self.statistics)),
                 self.log_likelihood, self.weight]
 
 
@@ -69,29 +70,25 @@ def check_weights(weights: torch.Tensor | None, batch: int, dtype: torch.dtype, 
     return weights.to(dtype)
 
 
-def _gaussian_statistics(circuit, node_flows: torch.Tensor, x: torch.Tensor, missing: torch.Tensor | None,
-                         tables: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Flow-weighted (sum f, sum f x, sum f x^2) per Gaussian bank row."""
+def _continuous_statistics(circuit, node_flows: torch.Tensor, x: torch.Tensor, missing: torch.Tensor | None,
+                           tables: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Flow-weighted sufficient statistics per continuous input bank (banks, S, n)."""
     stats: dict[str, torch.Tensor] = {}
     layer = circuit.layers[0]
     start = 0
     for i, bucket in enumerate(layer.buckets):
-        var = getattr(layer, f"var_{i}")
-        bank = getattr(layer, f"bank_{i}")
+        var, bank = getattr(layer, f"var_{i}"), getattr(layer, f"bank_{i}")
         n = bucket["num_nodes"]
         size = var.numel() * n
-        if bucket["kind"] == "gaussian":
-            flow = node_flows[:, start:start + size].reshape(-1, var.numel(), n).double()  # (B, G, n)
-            params = tables[bucket["key"]].detach().double()[bank]  # (G, 2, n)
-            mean, var_node = params[:, 0], torch.exp(2 * params[:, 1])
-            xg = x.index_select(1, var).double().unsqueeze(-1)  # (B, G, 1)
-            first, second = xg.expand_as(flow), (xg * xg).expand_as(flow)
-            if missing is not None:
-                gone = missing.index_select(1, var).unsqueeze(-1)
-                first = torch.where(gone, mean.unsqueeze(0), first)
-                second = torch.where(gone, (mean * mean + var_node).unsqueeze(0), second)
-            per_group = torch.stack([flow.sum(0), (flow * first).sum(0), (flow * second).sum(0)], dim=1)  # (G, 3, n)
-            table = stats.setdefault(bucket["key"], torch.zeros(tables[bucket["key"]].shape[0], 3, n, dtype=torch.float64, device=x.device))
+        distribution = bucket["distribution"]
+        if not distribution.tabular:
+            flow = node_flows[:, start:start + size].reshape(-1, var.numel(), n)  # (B, G, n)
+            rows = tables[bucket["key"]].detach()[bank]
+            gone = missing.index_select(1, var) if missing is not None else None
+            per_group = distribution.statistics(rows, flow, x.index_select(1, var), gone)  # (G, S, n)
+            table = stats.get(bucket["key"])
+            if table is None:
+                table = stats[bucket["key"]] = per_group.new_zeros(tables[bucket["key"]].shape[0], *per_group.shape[1:])
             table.index_add_(0, bank, per_group)
         start += size
     return stats
@@ -114,39 +111,48 @@ def compute_flows(circuit, x: torch.Tensor, missing: torch.Tensor | None = None,
     """
     ev = prepare(circuit, x, missing, soft_evidence)
     w = check_weights(weights, ev.x.shape[0], circuit.dtype, circuit.device)
+    continuous = _continuous_keys(circuit)
     with torch.enable_grad():
-        # Gaussian tables take part too, so the input layer's output (whose gradient is
-        # the node flow) is in the graph; their own gradients are not used.
         with torch.no_grad():  # the normalised tables are the leaves of this graph (cached while unchanged)
             normalised = circuit.log_tables()
         tables = {key: value.detach().requires_grad_(key in circuit.params) for key, value in normalised.items()}
-        if circuit.has_gaussian:  # the input layer's output is needed for the Gaussian statistics
-            values = circuit.layer_values(ev.x, ev.missing, ev.soft_evidence, tables=tables)
-            log_p = circuit.root_value(values)
+        if continuous:  # log-sum traversal: the input layer's output (node flows) is in the graph
+            values = circuit.evaluate(LOG_SUM, ev.x, ev.missing, ev.soft_evidence, circuit.tables(tables))
+            log_p = values.root(circuit)
         else:
             log_p = circuit.root_log_value(ev.x, ev.missing, ev.soft_evidence, tables=tables)
         require_positive(log_p.detach(), "learning")
         objective = (w * log_p).sum()
-        leaves = [key for key, value in tables.items() if value.requires_grad and not key.startswith("gauss_")]
+        leaves = [key for key, value in tables.items() if value.requires_grad and key not in continuous]
         wanted = [tables[k] for k in leaves]
-        if circuit.has_gaussian:
+        if continuous:
             wanted.append(values[0])
         grads = torch.autograd.grad(objective, wanted, allow_unused=True)
     counts = {}
     for key, grad in zip(leaves, grads):
         counts[key] = torch.zeros(tables[key].shape, dtype=torch.float64, device=x.device) if grad is None else grad.double()
-    gaussian = _gaussian_statistics(circuit, grads[-1], ev.x, ev.missing, tables) if circuit.has_gaussian else {}
-    return Flows(counts, gaussian, objective.detach().double(), w.sum().double())
+    statistics = _continuous_statistics(circuit, grads[-1], ev.x, ev.missing, tables) if continuous else {}
+    return Flows(counts, statistics, objective.detach().double(), w.sum().double())
+
+
+def _continuous_keys(circuit) -> set[str]:
+    """Learnable bank keys of continuous input distributions."""
+    return {key for key, bank in circuit.plan.banks.items()
+            if bank.role == "input" and bank.learnable and not circuit.bank_distribution(key).tabular}
 
 
 def zero_flows(circuit) -> Flows:
     """Flows of no data: zeros shaped like :func:`compute_flows`' result for ``circuit``."""
     device = circuit.device
-    counts, gaussian = {}, {}
-    for key, value in circuit.params.items():
-        if key.startswith("gauss_"):
-            gaussian[key] = torch.zeros(value.shape[0], 3, value.shape[2], dtype=torch.float64, device=device)
+    continuous = _continuous_keys(circuit)
+    counts, statistics = {}, {}
+    for key in circuit.params:
+        shape = circuit.log_tables()[key].shape if key not in continuous else None
+        if shape is None:
+            value = circuit.params[key]
+            size = circuit.bank_distribution(key).num_statistics
+            statistics[key] = torch.zeros(value.shape[0], size, value.shape[-1], dtype=torch.float64, device=device)
         else:
-            counts[key] = torch.zeros(value.shape, dtype=torch.float64, device=device)
+            counts[key] = torch.zeros(shape, dtype=torch.float64, device=device)
     zero = torch.zeros((), dtype=torch.float64, device=device)
-    return Flows(counts, gaussian, zero.clone(), zero.clone())
+    return Flows(counts, statistics, zero.clone(), zero.clone())

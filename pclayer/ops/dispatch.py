@@ -6,8 +6,10 @@ float32/float64 CUDA tensor and cupy is importable and working, else the torch p
 ``"torch"`` always runs the torch path; ``"cuda"`` runs the kernels or raises
 :class:`BackendUnavailableError` saying why not. cupy is imported only when CUDA tensors
 arrive (or :func:`backend_info` asks); any failure to import or use it (not installed, no
-driver: ``cudaErrorInsufficientDriver``) means the torch path. :func:`last_backend` tells
-which backend ran the most recent operation.
+driver: ``cudaErrorInsufficientDriver``) means the torch path. Every operation takes an
+optional ``record``, any object with a ``last_backend`` attribute (a circuit's
+:class:`~pclayer.runtime.Runtime`), into which it writes the backend that ran it; there is no
+module-level state.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from pclayer.ops.sparse_evidence import categorical_topk_evidence as _torch_topk
 
 Backend = Literal["auto", "torch", "cuda"]
 _BACKENDS = ("auto", "torch", "cuda")
-_last: str | None = None
 
 
 class BackendUnavailableError(RuntimeError):
@@ -60,10 +61,19 @@ def _kernel_obstacle(tensors: tuple[torch.Tensor, ...], differentiable: bool) ->
     return cuda_unavailable_reason()
 
 
-def _select(backend: str, operation: str, tensors: tuple[torch.Tensor, ...], differentiable: bool = True) -> str:
-    global _last
+def check_backend(backend: object) -> str:
+    """``backend`` if it is one of ``"auto"``, ``"torch"``, ``"cuda"``; else a ValueError."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+    return backend  # type: ignore[return-value]
+
+
+def choose_backend(backend: str, operation: str, tensors: tuple[torch.Tensor, ...], differentiable: bool = True,
+                   record: object | None = None) -> str:
+    """``"torch"`` or ``"cuda"``: where ``operation`` on ``tensors`` runs for the requested
+    ``backend`` (raises :class:`BackendUnavailableError` for ``"cuda"`` where the kernels cannot
+    run); written into ``record.last_backend`` when ``record`` is given."""
+    check_backend(backend)
     chosen = "torch"
     if backend != "torch":
         obstacle = _kernel_obstacle(tensors, differentiable)
@@ -71,25 +81,19 @@ def _select(backend: str, operation: str, tensors: tuple[torch.Tensor, ...], dif
             chosen = "cuda"
         elif backend == "cuda":
             raise BackendUnavailableError(f"backend='cuda' cannot run {operation}: {obstacle}")
-    _last = chosen
+    if record is not None:
+        record.last_backend = chosen
     return chosen
-
-
-def last_backend() -> str | None:
-    """``"torch"`` or ``"cuda"``: the backend of the most recent dispatched operation (None before any)."""
-    return _last
 
 
 def backend_info() -> dict[str, object]:
     """What the dispatcher knows: ``cuda_available`` (bool), ``cuda_unavailable_reason``
-    (str or None), ``kernel_sources`` (.cu file -> "fatbin" or "nvrtc" for loaded kernels) and
-    ``last_backend``. Probes cupy (importing it) if that has not happened yet."""
+    (str or None), and ``kernel_sources`` (.cu file -> "fatbin" or "nvrtc" for loaded kernels). Probes cupy (importing it) if that has not happened yet."""
     reason = cuda_unavailable_reason()
     return {
         "cuda_available": reason is None,
         "cuda_unavailable_reason": reason,
         "kernel_sources": dict(_runner().sources) if reason is None else {},
-        "last_backend": _last,
     }
 
 
@@ -99,7 +103,7 @@ def _check_float(name: str, tensor: torch.Tensor, dim: int) -> None:
         raise ValueError(f"{name}: expected a {dim}-d floating tensor, got {shape}")
 
 
-def sum_dense(x: torch.Tensor, logw: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
+def sum_dense(x: torch.Tensor, logw: torch.Tensor, backend: Backend = "auto", record: object | None = None) -> torch.Tensor:
     """Dense sum layer ``y[b,g,n] = log sum_c exp(logw[g,n,c] + x[b,g,c])`` (exact).
 
     Args:
@@ -117,14 +121,14 @@ def sum_dense(x: torch.Tensor, logw: torch.Tensor, backend: Backend = "auto") ->
     if logw.shape[0] not in (1, x.shape[1]) or logw.shape[2] != x.shape[2] or logw.dtype != x.dtype:
         raise ValueError(f"logw: expected shape (1 or {x.shape[1]}, N, {x.shape[2]}) and dtype {x.dtype}, "
                          f"got {tuple(logw.shape)} {logw.dtype}")
-    if _select(backend, "sum_dense", (x, logw)) == "cuda":
+    if choose_backend(backend, "sum_dense", (x, logw), record=record) == "cuda":
         from pclayer.cuda import ops
 
         return ops.sum_dense(_runner(), x, logw)
     return log_matmul_exp(x, logw)
 
 
-def logsumexp(a: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
+def logsumexp(a: torch.Tensor, backend: Backend = "auto", record: object | None = None) -> torch.Tensor:
     """Padded (block-sparse) sum layer ``log sum_f exp(a[..., f])``: a (..., F) -> (...).
 
     ``a`` holds child value + log-weight with ``-inf`` pads; all ``-inf`` rows give ``-inf``
@@ -132,7 +136,7 @@ def logsumexp(a: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
     """
     if not isinstance(a, torch.Tensor) or not a.is_floating_point() or a.dim() < 1:
         raise ValueError(f"a: expected a floating tensor with at least one dimension, got {getattr(a, 'shape', a)}")
-    if _select(backend, "logsumexp", (a,)) == "cuda":
+    if choose_backend(backend, "logsumexp", (a,), record=record) == "cuda":
         from pclayer.cuda import ops
 
         return ops.logsumexp(_runner(), a)
@@ -140,7 +144,7 @@ def logsumexp(a: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
 
 
 def categorical_topk_evidence(values: torch.Tensor, indices: torch.Tensor, log_table: torch.Tensor,
-                              backend: Backend = "auto") -> torch.Tensor:
+                              backend: Backend = "auto", record: object | None = None) -> torch.Tensor:
     """Categorical input nodes under top-k soft evidence: ``log sum_k theta_n(k) w(k)`` where
     w is given on k categories per row.
 
@@ -161,14 +165,14 @@ def categorical_topk_evidence(values: torch.Tensor, indices: torch.Tensor, log_t
     cats = log_table.shape[2]
     if indices.numel() and bool(((indices < 0) | (indices >= cats)).any()):
         raise ValueError(f"indices: expected categories in [0, {cats}), got range [{int(indices.min())}, {int(indices.max())}]")
-    if _select(backend, "categorical_topk_evidence", (values, indices, log_table), differentiable=False) == "cuda":
+    if choose_backend(backend, "categorical_topk_evidence", (values, indices, log_table), differentiable=False, record=record) == "cuda":
         from pclayer.cuda import ops
 
         return ops.categorical_topk_forward(_runner(), values, indices, log_table)
     return _torch_topk(values, indices, log_table)
 
 
-def inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
+def inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor, backend: Backend = "auto", record: object | None = None) -> torch.Tensor:
     """Top-down sampling choice: index per row of logits (A, C) by inverse CDF with uniforms (A,)
     in [0, 1]; kernel and torch path choose identically for identical uniforms. Returns (A,) int64."""
     _check_float("logits", logits, 2)
@@ -176,7 +180,7 @@ def inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor, backend: Backend =
         raise ValueError(f"uniforms: expected shape ({logits.shape[0]},), got {getattr(uniforms, 'shape', uniforms)}")
     if uniforms.numel() and bool(((uniforms < 0) | (uniforms > 1) | uniforms.isnan()).any()):
         raise ValueError("uniforms: expected values in [0, 1] without NaN")
-    if _select(backend, "inverse_cdf", (logits, uniforms)) == "cuda":  # an index has no gradient
+    if choose_backend(backend, "inverse_cdf", (logits, uniforms), record=record) == "cuda":  # an index has no gradient
         from pclayer.cuda import ops
 
         return ops.inverse_cdf(_runner(), logits.detach(), uniforms)

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import torch
 
-# A row whose weighted sum of shifted exponentials falls below this fraction of the
-# dtype's largest value's reciprocal is recomputed with a per-node shift.
-_SAFE_SUM_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 1e-20, torch.float32: 1e-30, torch.float64: 1e-290}
+from pclayer.numerics import SAFE_FLOOR
 
 # Temporaries (exponentiated inputs and weights) are capped at about this many elements by
 # splitting the child dimension C into chunks: a categorical input under soft evidence over a
@@ -82,7 +80,7 @@ class _LogMatmulExp(torch.autograd.Function):
             w = torch.empty(0, dtype=logw.dtype, device=logw.device)
             s = sum(_batched_product((x.narrow(2, c0, cw) - m).exp_(), torch.exp(logw.narrow(2, c0, cw)))
                     for c0, cw in chunks)
-        floor = _SAFE_SUM_FLOOR[x.dtype]
+        floor = SAFE_FLOOR[x.dtype]
         # Fast path (the usual case): every sum clears the floor, so one scalar check suffices
         # and the logarithm runs in place.
         ctx.fast = s.numel() == 0 or bool(s.amin() >= floor)

@@ -6,7 +6,7 @@ import torch
 
 from pclayer.layers import argmax_chooser
 from pclayer.queries.evidence import prepare, require_positive
-from pclayer.semiring import MAX_PRODUCT
+from pclayer.representations import MAX_PRODUCT
 from pclayer.topdown import top_down
 from pclayer.topk import TopKEvidence
 
@@ -27,8 +27,8 @@ def mpe(circuit, x: torch.Tensor, missing: torch.Tensor | None = None,
         ZeroProbabilityError: for rows whose evidence has probability zero.
     """
     ev = prepare(circuit, x, missing, soft_evidence)
-    tables = circuit.log_tables()
-    values = circuit.layer_values(ev.x, ev.missing, ev.soft_evidence, MAX_PRODUCT, tables=tables)
-    require_positive(circuit.root_value(values), "mpe")
-    x_out, _, _ = top_down(circuit, values, tables, ev.x, ev.missing, ev.soft_evidence, argmax_chooser, None, None)
+    tables = circuit.tables()
+    values = circuit.evaluate(MAX_PRODUCT, ev.x, ev.missing, ev.soft_evidence, tables, keep=True)
+    require_positive(values.root(circuit), "mpe")
+    x_out, _, _ = top_down(circuit, values, tables.log, ev.x, ev.missing, ev.soft_evidence, argmax_chooser, None, None)
     return torch.where(missing, x_out.to(x.dtype), x) if missing is not None else x.clone()

@@ -6,8 +6,9 @@ from typing import NamedTuple
 
 import torch
 
-from pclayer.layers import sample_chooser
+from pclayer.ops import dispatch
 from pclayer.queries.evidence import prepare, require_positive
+from pclayer.representations import SCALED
 from pclayer.topdown import top_down
 from pclayer.topk import TopKEvidence
 
@@ -81,10 +82,13 @@ def sample(circuit, num_samples: int | None = None, *, x: torch.Tensor | None = 
     """
     x, missing, soft_evidence = _batch(circuit, num_samples, x, missing, soft_evidence)
     ev = prepare(circuit, x, missing, soft_evidence)
-    tables = circuit.log_tables()
-    values = circuit.layer_values(ev.x, ev.missing, ev.soft_evidence, tables=tables)
-    require_positive(circuit.root_value(values), "sample")
-    device, dtype = circuit.device, circuit.dtype
+    tables = circuit.tables()
+    values = circuit.evaluate(SCALED, ev.x, ev.missing, ev.soft_evidence, tables, keep=True)
+    require_positive(values.root(circuit), "sample")
+    device, dtype, runtime = circuit.device, circuit.dtype, circuit.runtime
+
+    def chooser(logits: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
+        return dispatch.inverse_cdf(logits, u, backend=runtime.backend, record=runtime)
 
     def uniforms(rows: int, cols: int) -> torch.Tensor:
         return torch.rand(rows, cols, generator=generator, dtype=dtype, device=device)
@@ -92,8 +96,8 @@ def sample(circuit, num_samples: int | None = None, *, x: torch.Tensor | None = 
     def normals(count: int) -> torch.Tensor:
         return torch.randn(count, generator=generator, dtype=dtype, device=device)
 
-    x_out, node, node_logp = top_down(circuit, values, tables, ev.x, ev.missing, ev.soft_evidence,
-                                      sample_chooser, uniforms, normals)
+    x_out, node, node_logp = top_down(circuit, values, tables.log, ev.x, ev.missing, ev.soft_evidence,
+                                      chooser, uniforms, normals)
     x_out = torch.where(missing, x_out.to(x.dtype), x) if missing is not None else x.clone()
     if return_nodes:
         return SampleResult(x_out, node, node_logp)

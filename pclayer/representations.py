@@ -1,0 +1,178 @@
+"""Number representations of the one traversal (:mod:`pclayer.traversal`).
+
+A representation says how layer outputs hold numbers and gives the formulas that differ
+between representations: the dense sum, the padded (sparse) sum, and the value of an input
+summed out. Products are additions in log space and multiplications in linear space.
+
+* :data:`LOG_SUM`: log-probabilities; sums are exact log-sum-exp (max-shifted matrix
+  products, rows near the floor recomputed per node). Likelihoods, marginals, soft evidence.
+* :data:`MAX_PRODUCT`: log space, sums are maxima (MPE). The max-plus product is computed in
+  chunks that stay in cache, never as one (B, G, N, C) tensor.
+* :data:`SCALED`: linear probabilities ``p`` with a per-row log-scale ``c`` (value
+  ``log p + c``): sums are plain matrix products and products multiply. An entry below
+  :data:`pclayer.numerics.SAFE_FLOOR` could have underflowed, so the traversal computes that layer in
+  :data:`LOG_SUM` instead (see :mod:`pclayer.traversal`).
+
+Each formula exists once per representation here (the log-sum dense sum also has its CUDA
+twin behind :mod:`pclayer.ops.dispatch`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pclayer.numerics import RENORMALISE_BELOW, SAFE_FLOOR
+from pclayer.ops import dispatch
+from pclayer.ops.sparse_evidence import candidate_log_weights
+
+def _backend(runtime) -> str:
+    """The backend chosen for a circuit's :class:`~pclayer.runtime.Runtime` (``"auto"`` without one)."""
+    return "auto" if runtime is None else runtime.backend
+
+
+MAX_PLUS_CHUNK = 1 << 18
+"""Elements of the (rows, N, C) max-plus temporaries formed at a time (about 1 MB: in cache)."""
+
+
+class LogSum:
+    """Log-probabilities, exact log-sum-exp sums."""
+
+    name = "log-sum"
+
+    def sum_dense(self, x: torch.Tensor, logw: torch.Tensor, runtime=None) -> torch.Tensor:
+        """x (B, G, C), logw (G|1, N, C) -> (B, G, N)."""
+        return dispatch.sum_dense(x, logw, backend=_backend(runtime), record=runtime)
+
+    def sum_padded(self, a: torch.Tensor, runtime=None) -> torch.Tensor:
+        """a (B, N, F) = child value + log-weight (``-inf`` pads) -> (B, N)."""
+        return dispatch.logsumexp(a, backend=_backend(runtime), record=runtime)
+
+    def topk_evidence(self, values: torch.Tensor, indices: torch.Tensor, logp: torch.Tensor,
+                      runtime=None) -> torch.Tensor:
+        """Discrete input summed out under top-k evidence: values, indices (B, G, k),
+        logp (G|1, n, K) -> (B, G, n)."""
+        return dispatch.categorical_topk_evidence(values, indices, logp, backend=_backend(runtime), record=runtime)
+
+    def no_evidence(self, logp: torch.Tensor, runtime=None) -> torch.Tensor:
+        """Discrete input summed out without evidence: logp (G|1, n, K) -> (G|1, n)."""
+        return dispatch.logsumexp(logp, backend=_backend(runtime), record=runtime)
+
+    def continuous_summed_out(self, distribution, bank: torch.Tensor) -> torch.Tensor:
+        """Continuous input summed out: (G, n) zeros (densities integrate to one)."""
+        return torch.zeros_like(bank[:, 0])
+
+
+class MaxProduct:
+    """Log space, maxima for sums (MPE)."""
+
+    name = "max-product"
+
+    def sum_dense(self, x: torch.Tensor, logw: torch.Tensor, runtime=None) -> torch.Tensor:
+        """``max_c x[b, g, c] + logw[g, n, c]``: x (B, G, C), logw (G|1, N, C) -> (B, G, N),
+        a chunk of rows at a time (:data:`MAX_PLUS_CHUNK` elements of temporaries)."""
+        batch, groups, children = x.shape
+        nodes = logw.shape[1]
+        out = x.new_empty(batch, groups, nodes)
+        for g in range(groups):
+            w = logw[g if logw.shape[0] > 1 else 0]  # (N, C)
+            rows = max(1, MAX_PLUS_CHUNK // max(nodes * children, 1))
+            node_step = nodes if rows > 1 else max(1, MAX_PLUS_CHUNK // max(children, 1))
+            for b0 in range(0, batch, rows):
+                xb = x[b0:b0 + rows, g, None, :]  # (r, 1, C)
+                for n0 in range(0, nodes, node_step):
+                    torch.amax(xb + w[None, n0:n0 + node_step], dim=-1, out=out[b0:b0 + rows, g, n0:n0 + node_step])
+        return out
+
+    def sum_padded(self, a: torch.Tensor, runtime=None) -> torch.Tensor:
+        return a.amax(-1)
+
+    def topk_evidence(self, values, indices, logp, runtime=None):
+        return candidate_log_weights(values, indices, logp).amax(-1)
+
+    def no_evidence(self, logp, runtime=None):
+        return logp.amax(-1)
+
+    def continuous_summed_out(self, distribution, bank):
+        """Continuous input maximised out: its density at the mode (G, n)."""
+        return distribution.log_mode_density(bank)
+
+
+class Scaled:
+    """Linear probabilities with a per-row log-scale."""
+
+    name = "scaled"
+
+    def sum_dense(self, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, G*N) sums of one dense bucket: ``x`` (B, G, C) probabilities, ``w`` (C, N)
+        weights shared by every group or (G, C, N); ``out`` an optional (B, G*N) buffer."""
+        b, g, c = x.shape
+        if w.dim() == 2:
+            return torch.mm(x.reshape(b * g, c) if g > 1 else x.view(b, c), w,
+                            out=None if out is None else out.view(b * g, w.shape[1])).view(b, g * w.shape[1])
+        n = w.shape[2]
+        if out is None:  # one product per group (no transposed copies of x), joined once; unbind
+            # keeps autograd from building a full-size zero gradient per group
+            return torch.cat([torch.mm(xg, wg) for xg, wg in zip(x.unbind(1), w.unbind(0))], dim=1)
+        for group in range(g):
+            torch.mm(x[:, group], w[group], out=out[:, group * n:(group + 1) * n])
+        return out
+
+    def sum_padded(self, a: torch.Tensor) -> torch.Tensor:
+        """a (B, N, F) = child probability times weight (0 pads) -> (B, N)."""
+        return a.sum(-1)
+
+
+LOG_SUM = LogSum()
+MAX_PRODUCT = MaxProduct()
+SCALED = Scaled()
+
+
+class ScaledValue:
+    """One layer output in the scaled representation: probabilities ``p`` (B, n), log-scale
+    ``c`` (B, 1) (None = 0) and a proven lower bound ``low`` on every entry of ``p`` (all
+    entries are at least the floor)."""
+
+    __slots__ = ("p", "c", "low")
+
+    def __init__(self, p: torch.Tensor, c: torch.Tensor | None, low: float):
+        self.p, self.c, self.low = p, c, low
+
+    def log(self) -> torch.Tensor:
+        """(B, n) log-values."""
+        return self.p.log() if self.c is None else self.p.log() + self.c
+
+
+def add_scales(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """Sum of two optional (B, 1) log-scales."""
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+def checked(p: torch.Tensor, c: torch.Tensor | None, low: float, owned: bool = False) -> ScaledValue | None:
+    """Accept a scaled layer output whose entries are all at least the floor (``low`` is a
+    proven lower bound, measured only when it does not settle the question), dividing its rows
+    by their maximum when its smallest entry gets small. None = not exact in linear space.
+
+    Every factor of a product and every term of a sum is at most 1, so an entry at least the
+    floor had no partial result underflow (products) or only dropped terms far below its own
+    precision (sums). ``owned``: ``p`` is this layer's own buffer, so it may be divided in place."""
+    floor, renormalise_below = SAFE_FLOOR[p.dtype], RENORMALISE_BELOW[p.dtype]
+    if low < renormalise_below and p.numel():
+        low = float(p.detach().amin())
+        if not low >= floor:  # also catches NaN
+            return None
+        if low < renormalise_below:
+            row_max = p.detach().amax(1, keepdim=True)
+            row_max = torch.where(row_max > 0, row_max, torch.ones_like(row_max))  # (rows of zeros stay zero)
+            low = float((p.detach().amin(1, keepdim=True) / row_max).min())
+            return ScaledValue(p.div_(row_max) if owned else p / row_max, add_scales(c, row_max.log()), low)
+    return ScaledValue(p, c, low)
+
+
+def rescaled(log_values: torch.Tensor) -> ScaledValue | None:
+    """Log-values (B, n) in the scaled representation (each row shifted by its maximum), or
+    None where some entry would fall below the floor."""
+    top = log_values.detach().amax(1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return checked(torch.exp(log_values - top), top, 0.0)

@@ -1,0 +1,102 @@
+"""Normalised parameter tables of one evaluation, in log space and in linear space.
+
+Every bank of the plan (:class:`~pclayer.plan.Bank`) is normalised by its role: sums by a
+(masked) softmax over their children, inputs by their distribution
+(:meth:`~pclayer.distributions.Distribution.log_table`; continuous banks are used as
+stored). :class:`Tables` gives one evaluation its tables, either from the circuit's
+:class:`~pclayer.runtime.Runtime` caches (only when no gradient can reach the parameters)
+or from explicit, possibly differentiable, log-tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from pclayer.runtime import stamp
+
+
+def normalise_log(circuit, key: str, raw: torch.Tensor) -> torch.Tensor:
+    """Normalised log-table of bank ``key`` from its stored tensor ``raw``."""
+    bank = circuit.plan.banks[key]
+    if bank.role == "dense_sum":
+        return torch.log_softmax(raw, dim=-1)
+    if bank.role == "sparse_sum":
+        return torch.log_softmax(raw.masked_fill(~circuit.fixed_tensor(bank.mask), -torch.inf), dim=-1)
+    distribution = circuit.bank_distribution(key)
+    return distribution.log_table(raw) if distribution.tabular else raw
+
+
+def normalise_linear(circuit, key: str, raw: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """Probabilities of bank ``key`` (natural layout) from its stored tensor, into ``out``."""
+    bank = circuit.plan.banks[key]
+    if bank.role == "dense_sum":
+        return torch.softmax(raw, dim=-1, out=out)
+    if bank.role == "sparse_sum":
+        return torch.softmax(raw.masked_fill(~circuit.fixed_tensor(bank.mask), -torch.inf), dim=-1, out=out)
+    return circuit.bank_distribution(key).linear_table(raw, out=out)
+
+
+class Tables:
+    """The normalised tables of one evaluation.
+
+    ``log`` maps bank keys to normalised log-tables (plus, under autograd, unbound per-bank
+    views ``(key, bank)``); :meth:`linear` gives probabilities. Built from explicit
+    log-tables, or with ``log=None`` from the circuit's caches (valid only when no gradient
+    can reach the parameters)."""
+
+    def __init__(self, circuit, log: Mapping | None):
+        self.circuit = circuit
+        self.cached = log is None
+        self._log = log
+        self._memo: dict[tuple[str, bool], tuple[torch.Tensor, float]] = {}
+
+    @property
+    def log(self) -> Mapping:
+        if self._log is None:
+            self._log = self.circuit.log_tables()
+        return self._log
+
+    def raw_numel(self, key: str) -> int:
+        """Number of entries of the stored bank ``key``."""
+        return self.circuit.bank_tensor(key).numel()
+
+    def linear(self, key: str, transposed: bool = False) -> tuple[torch.Tensor, float]:
+        """Probabilities of bank ``key`` and their smallest entry (a float). ``transposed``: a
+        3-d table (banks, R, C) comes as the contiguous (banks, C, R), so that one (bank,
+        category) of a categorical table is one contiguous row."""
+        found = self._memo.get((key, transposed))
+        if found is not None:
+            return found
+        if self.cached:
+            found = self._cached_linear(key, transposed)
+        else:
+            table = self.log[key]
+            linear = torch.exp(table.transpose(1, 2)).contiguous() if transposed else torch.exp(table)
+            found = (linear, float(linear.detach().amin()) if linear.numel() else 1.0)
+        self._memo[(key, transposed)] = found
+        return found
+
+    def _cached_linear(self, key: str, transposed: bool) -> tuple[torch.Tensor, float]:
+        circuit = self.circuit
+        raw = circuit.bank_tensor(key).detach()
+        bank = circuit.plan.banks[key]
+        mask = circuit.fixed_tensor(bank.mask) if bank.mask else None
+        runtime = circuit.runtime
+
+        def compute(buffer: torch.Tensor | None) -> torch.Tensor:
+            shape = (raw.shape[0], raw.shape[2], raw.shape[1]) if transposed else tuple(raw.shape)
+            if buffer is None or tuple(buffer.shape) != shape or buffer.dtype != raw.dtype or buffer.device != raw.device:
+                buffer = raw.new_empty(shape)
+            if not transposed:
+                return normalise_linear(circuit, key, raw, buffer)
+            natural = normalise_linear(circuit, key, raw, runtime.natural_scratch(raw))
+            return buffer.copy_(natural.transpose(1, 2))
+
+        return runtime.cached_linear(key, transposed, stamp(raw, mask), compute)
+
+    def bank_weights(self, key: str, bank: int) -> torch.Tensor:
+        """(C, N) probabilities of bank ``bank`` of the dense sum table ``key`` (banks, N, C):
+        a transposed view for ``x @ w`` (from the caches only)."""
+        return self.circuit.runtime.transposed_banks(key, self.linear(key)[0])[bank]
