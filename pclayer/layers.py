@@ -30,8 +30,8 @@ from pclayer.runtime import Workspace
 from pclayer.tables import Tables
 from pclayer.topk import TopKEvidence
 
-Chooser = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
-"""Picks one index per row of log-weights (A, C), given uniforms (A,) or None."""
+Chooser = Callable[[torch.Tensor], torch.Tensor]
+"""Picks one index (A,) per row of log-weights (A, C): a draw (sampling) or the best (MPE)."""
 
 
 def _register(module: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -147,17 +147,15 @@ class _Reader(nn.Module):
         for i, layer in enumerate(self.source_layers):
             index = getattr(self, f"source_{i}")
             part = active_z[:, start:start + index.numel()]
-            active[layer].index_copy_(1, index, active[layer].index_select(1, index) | part)
+            span = self.source_spans[i]
+            if span is not None:
+                active[layer].narrow(1, span[0], span[1]).logical_or_(part)
+            else:
+                active[layer].index_copy_(1, index, active[layer].index_select(1, index) | part)
             start += index.numel()
 
 
-def sample_chooser(logits: torch.Tensor, uniforms: torch.Tensor | None) -> torch.Tensor:
-    """Exact categorical draw by inverse CDF (uniforms must be given)."""
-    assert uniforms is not None
-    return dispatch.inverse_cdf(logits, uniforms)
-
-
-def argmax_chooser(logits: torch.Tensor, uniforms: torch.Tensor | None) -> torch.Tensor:
+def argmax_chooser(logits: torch.Tensor) -> torch.Tensor:
     """Deterministic choice of the largest log-weight (MPE)."""
     return logits.argmax(-1)
 
@@ -187,10 +185,17 @@ class InputLayer(nn.Module):
             _register(self, f"bank_{i}", bucket.group_bank)
             _register(self, f"var_{i}", bucket.group_var)
             self.buckets.append({"key": bucket.key, "num_nodes": bucket.num_nodes, "num_cats": bucket.num_cats,
-                                 "shared": bucket.shared_bank,
+                                 "shared": bucket.shared_bank, "var_start": bucket.var_start,
                                  "distribution": distribution_for_bucket(bucket.distribution, bucket.num_cats)})
         self.num_nodes = sum(b.num_nodes * b.group_bank.numel() for b in spec.buckets)
         self.all_tabular = all(b["distribution"].tabular for b in self.buckets)
+
+    def _columns(self, i: int, tensor: torch.Tensor) -> torch.Tensor:
+        """The variables of bucket ``i`` from a (B, V, ...) tensor: (B, G, ...), a view when
+        they are a contiguous run."""
+        start = self.buckets[i]["var_start"]
+        var = getattr(self, f"var_{i}")
+        return tensor.narrow(1, start, var.numel()) if start is not None else tensor.index_select(1, var)
 
     def _bank_rows(self, i: int, tables: dict, broadcast: bool) -> torch.Tensor:
         """Normalised bank rows of bucket ``i``: (G, ...) or (1, ...) when shared and ``broadcast``."""
@@ -211,7 +216,7 @@ class InputLayer(nn.Module):
         outs = []
         for i, bucket in enumerate(self.buckets):
             var = getattr(self, f"var_{i}")
-            xg = x.index_select(1, var)
+            xg = self._columns(i, x)
             distribution = bucket["distribution"]
             if not distribution.tabular:
                 rows = self._bank_rows(i, tables, broadcast=False)
@@ -230,7 +235,7 @@ class InputLayer(nn.Module):
                 else:
                     ev = None
                     if evidence is not None:
-                        ev = evidence.index_select(1, var)[:, :, :k]
+                        ev = self._columns(i, evidence)[:, :, :k]
                         value = value + torch.gather(ev, 2, idx.unsqueeze(-1))
                     marginal = None
                     if missing is not None:
@@ -238,7 +243,7 @@ class InputLayer(nn.Module):
                         marginal = (representation.sum_dense(ev, rows, runtime) if ev is not None
                                     else representation.no_evidence(rows, runtime).unsqueeze(0))
             if missing is not None:
-                value = torch.where(missing.index_select(1, var).unsqueeze(-1), marginal, value)
+                value = torch.where(self._columns(i, missing).unsqueeze(-1), marginal, value)
             outs.append(value.flatten(1))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
@@ -247,9 +252,9 @@ class InputLayer(nn.Module):
                      runtime) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Observed values (B, G, n) times their top-k weight, and the summed-out values
         (B, G|1, n) under top-k evidence (None when nothing is missing)."""
-        values = evidence.values.index_select(1, var)
-        indices = evidence.indices.index_select(1, var)
-        free = evidence.free.index_select(1, var) if evidence.free is not None else None
+        values = self._columns(i, evidence.values)
+        indices = self._columns(i, evidence.indices)
+        free = self._columns(i, evidence.free) if evidence.free is not None else None
         match = indices == idx.unsqueeze(-1)  # (B, G, k): at most one candidate equals the value
         weight = torch.where(match, values, torch.zeros_like(values)).sum(-1)
         weight = torch.where(match.any(-1), weight, torch.full_like(weight, -torch.inf))
@@ -260,22 +265,76 @@ class InputLayer(nn.Module):
             return value, None
         rows = self._bank_rows(i, tables, broadcast=True)
         marginal = representation.topk_evidence(values, indices, rows, runtime)
-        if free is not None and bool((free & missing.index_select(1, var)).any()):  # skip a pass over the table when unused
+        if free is not None and bool((free & self._columns(i, missing)).any()):  # skip a pass over the table when unused
             marginal = torch.where(free.unsqueeze(-1), representation.no_evidence(rows, runtime).unsqueeze(0), marginal)
         return value, marginal
 
     def scaled_forward(self, tables: Tables, x: torch.Tensor, missing: torch.Tensor | None, evidence,
                        workspace: Workspace, runtime=None) -> ScaledValue | torch.Tensor:
-        """Input probabilities in the scaled representation (rows shifted by their maximum
-        unless every log-value is known to be <= 0: tabular inputs without soft evidence), or
-        the (B, n) log-values where some entry would fall below the floor."""
-        if evidence is None and missing is None and self.all_tabular and self._tables_are_small(tables, x.shape[0]):
-            value = self._observed_probabilities(tables, x, workspace)
+        """Input probabilities in the scaled representation, or the (B, n) log-values where
+        some entry would fall below the floor. Tabular inputs under dense (or no) evidence are
+        computed in linear space: rows of the evidence are shifted by their maximum ``m_b``,
+        observed entries are ``theta[x] exp(w[x] - m_b)`` and summed-out ones one matrix
+        product ``exp(w - m_b) @ theta^T`` with the linear tables."""
+        if self.all_tabular and not isinstance(evidence, TopKEvidence):
+            if evidence is None and missing is None and self._tables_are_small(tables, x.shape[0]):
+                value = self._observed_probabilities(tables, x, workspace)
+            else:
+                value = self._linear_values(tables, x, missing, evidence)
             if value is not None:
                 return value
         log_values = self.log_forward(tables.log, x, missing, evidence, LOG_SUM, runtime)
-        value = checked(torch.exp(log_values), None, 0.0) if evidence is None and self.all_tabular else rescaled(log_values)
+        value = rescaled(log_values)
         return log_values if value is None else value
+
+    def _linear_values(self, tables: Tables, x: torch.Tensor, missing: torch.Tensor | None,
+                       evidence: torch.Tensor | None) -> ScaledValue | None:
+        """Tabular inputs in linear space (see :meth:`scaled_forward`)."""
+        scale = None
+        if evidence is not None:
+            top = evidence.detach().amax(dim=(1, 2)).unsqueeze(1)  # (B, 1)
+            scale = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+            weights = torch.exp(evidence - scale.unsqueeze(2))  # (B, V, K), at most 1
+        outs = []
+        for i, bucket in enumerate(self.buckets):
+            bank = getattr(self, f"bank_{i}")
+            k = bucket["num_cats"]
+            idx = self._columns(i, x).long().clamp(0, k - 1)
+            linear, _ = tables.linear(bucket["key"])  # (banks, n, K)
+            value = _categorical_rows(linear, bank, idx)  # (B, G, n)
+            w = None
+            if evidence is not None:
+                w = self._columns(i, weights)[:, :, :k]  # (B, G, K)
+                value = value * torch.gather(w, 2, idx.unsqueeze(-1))
+            if missing is not None:
+                gone = self._columns(i, missing)
+                if w is None:  # a normalised table sums to one; under autograd the sum carries the flows
+                    marginal = torch.ones_like(value[:1]) if tables.cached else \
+                        self._bank_rows(i, {bucket["key"]: linear}, broadcast=True).sum(-1).unsqueeze(0)
+                    value = torch.where(gone.unsqueeze(-1), marginal, value)
+                else:
+                    value = self._with_linear_marginals(i, tables, w, gone, value)
+            outs.append(value.flatten(1))
+        p = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return checked(p, scale, 0.0)
+
+    def _with_linear_marginals(self, i: int, tables: Tables, w: torch.Tensor, gone: torch.Tensor,
+                               value: torch.Tensor) -> torch.Tensor:
+        """``value`` (B, G, n) with its missing entries ``gone`` (B, G) replaced by
+        ``sum_k w[b, g, k] theta[g, n, k]`` (``w`` (B, G, K) evidence weights); with one
+        shared table only the missing rows go through the matrix product."""
+        bucket = self.buckets[i]
+        batch, groups, k = w.shape
+        if bucket["shared"] is None:
+            theta = tables.linear(bucket["key"])[0].index_select(0, getattr(self, f"bank_{i}"))  # (G, n, K)
+            return torch.where(gone.unsqueeze(-1), torch.einsum("bgk,gnk->bgn", w, theta), value)
+        if tables.cached:
+            theta = tables.linear(bucket["key"], transposed=True)[0][bucket["shared"]]  # (K, n), contiguous rows
+        else:
+            theta = tables.linear(bucket["key"])[0][bucket["shared"]].t()
+        rows = gone.reshape(-1).nonzero().squeeze(1)
+        marginal = w.reshape(batch * groups, k).index_select(0, rows) @ theta  # (R, n)
+        return value.reshape(batch * groups, -1).index_copy(0, rows, marginal).view(batch, groups, -1)
 
     def _tables_are_small(self, tables: Tables, batch: int) -> bool:
         """Whether every table is at most twice the size of what a batch reads from it: only
@@ -300,20 +359,30 @@ class InputLayer(nn.Module):
         owned = len(self.buckets) == 1 and workspace.enabled
         return checked(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1), None, low, owned=owned)
 
+    def _node_rows(self, i: int, tables: dict, bank: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
+        """(A, K) log-probability rows of input nodes ``node`` (A,) with bank rows ``bank`` (A,)."""
+        table = tables[self.buckets[i]["key"]]  # (banks, n, K)
+        shared = self.buckets[i]["shared"]
+        if shared is not None:
+            return table[shared].index_select(0, node)
+        return table.reshape(-1, table.shape[-1]).index_select(0, bank * table.shape[1] + node)
+
     def emit(self, active: torch.Tensor, tables: dict, x: torch.Tensor, missing: torch.Tensor | None,
-             evidence, chooser: Chooser, uniforms: torch.Tensor | None,
-             normals: Callable[[int], torch.Tensor] | None, num_cats: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             evidence, chooser: Chooser, normals: Callable[[int], torch.Tensor] | None, num_cats: int,
+             node_log_probs: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Values of the active input nodes (one per sample and variable).
 
-        Returns ``(x_out (B, V), node (B, V) active input node index, node_log_probs (B, V, K))``;
-        observed entries of ``x`` are kept, missing ones drawn by ``chooser`` (tabular inputs)
-        or by the distribution (continuous inputs: draws from ``normals``, modes without).
+        Returns ``(x_out (B, V), node (B, V) active input node index, node_log_probs (B, V, K)
+        or None unless asked for)``; observed entries of ``x`` are kept, missing ones drawn by
+        ``chooser`` (tabular inputs) or by the distribution (continuous inputs: draws from
+        ``normals``, modes without).
         """
         batch, num_vars = x.shape
         x_out = x.clone()
         node = torch.full((batch, num_vars), -1, dtype=torch.long, device=x.device)
         dtype = next(t for t in tables.values() if t.is_floating_point()).dtype
-        node_logp = torch.full((batch, num_vars, max(num_cats, 1)), -torch.inf, dtype=dtype, device=x.device)
+        node_logp = torch.full((batch, num_vars, max(num_cats, 1)), -torch.inf, dtype=dtype,
+                               device=x.device) if node_log_probs else None
         start = 0
         for i, bucket in enumerate(self.buckets):
             var_of_group = getattr(self, f"var_{i}")
@@ -324,43 +393,45 @@ class InputLayer(nn.Module):
             var = var_of_group[g]
             bank = getattr(self, f"bank_{i}")[g]
             node[b, var] = start + flat
-            draw = missing[b, var] if missing is not None else torch.zeros_like(b, dtype=torch.bool)
-            u = uniforms[b, start + flat] if uniforms is not None else None
             distribution = bucket["distribution"]
+            if node_logp is not None and distribution.tabular:
+                node_logp[b, var, :bucket["num_cats"]] = self._node_rows(i, tables, bank, j)
+            start += size
+            if missing is None:  # nothing to draw
+                continue
+            draw = missing[b, var]
+            b, var, bank, j = b[draw], var[draw], bank[draw], j[draw]
             if not distribution.tabular:
                 value = distribution.draw(tables[bucket["key"]][bank], j, None if normals is None else normals(len(j)))
-                x_out[b, var] = torch.where(draw, value.to(x_out.dtype), x_out[b, var])
-            else:
+                x_out[b, var] = value.to(x_out.dtype)
+            elif len(b):
                 k = bucket["num_cats"]
-                logp = tables[bucket["key"]][bank, j]  # (A, K)
-                node_logp[b, var, :k] = logp
+                logp = self._node_rows(i, tables, bank, j)  # (A, K)
                 if isinstance(evidence, TopKEvidence):
-                    _emit_topk(x_out, b, var, draw, logp, evidence, chooser, u)
+                    _emit_topk(x_out, b, var, logp, evidence, chooser)
                 else:
-                    logits = logp + evidence[b, var, :k] if evidence is not None else logp
-                    if bool(draw.any()):
-                        chosen = chooser(logits[draw], None if u is None else u[draw])
-                        x_out[b[draw], var[draw]] = chosen.to(x_out.dtype)
-            start += size
+                    if evidence is not None:
+                        logp = logp + evidence.reshape(batch * num_vars, -1).index_select(0, b * num_vars + var)[:, :k]
+                    x_out[b, var] = chooser(logp).to(x_out.dtype)
         return x_out, node, node_logp
 
 
-def _emit_topk(x_out: torch.Tensor, b: torch.Tensor, var: torch.Tensor, draw: torch.Tensor, logp: torch.Tensor,
-               evidence: TopKEvidence, chooser: Chooser, u: torch.Tensor | None) -> None:
-    """Draw the missing values of active tabular inputs under top-k evidence into ``x_out``:
-    among the k candidates (sorted by category, so inverse-CDF draws match the dense
-    evidence's), or among all categories where the variable is ``free``."""
-    free = evidence.free[b, var] if evidence.free is not None else torch.zeros_like(draw)
-    for rows, sparse in ((draw & ~free, True), (draw & free, False)):
+def _emit_topk(x_out: torch.Tensor, b: torch.Tensor, var: torch.Tensor, logp: torch.Tensor,
+               evidence: TopKEvidence, chooser: Chooser) -> None:
+    """Draw the values of active tabular inputs ``(b, var)`` (A,) with rows ``logp`` (A, K)
+    under top-k evidence into ``x_out``: among the k candidates (sorted by category, so
+    inverse-CDF draws match the dense evidence's), or among all categories where the variable
+    is ``free``."""
+    free = evidence.free[b, var] if evidence.free is not None else torch.zeros_like(b, dtype=torch.bool)
+    for rows, sparse in ((~free, True), (free, False)):
         if not bool(rows.any()):
             continue
-        u_rows = None if u is None else u[rows]
         if sparse:
             candidates = evidence.indices[b[rows], var[rows]]  # (R, k)
             logits = logp[rows].gather(1, candidates) + evidence.values[b[rows], var[rows]]
-            chosen = candidates.gather(1, chooser(logits, u_rows).unsqueeze(1)).squeeze(1)
+            chosen = candidates.gather(1, chooser(logits).unsqueeze(1)).squeeze(1)
         else:
-            chosen = chooser(logp[rows], u_rows)
+            chosen = chooser(logp[rows])
         x_out[b[rows], var[rows]] = chosen.to(x_out.dtype)
 
 
@@ -485,8 +556,7 @@ class ProductLayer(_Reader):
             return checked((a * b).view(z.shape[0], -1), scale, low * low)
         return checked(_multiply([self.child_column(z, f) for f in range(self.fan_in)]), scale, low ** self.fan_in)
 
-    def select(self, active: torch.Tensor, outputs: list[torch.Tensor], tables: dict, chooser: Chooser,
-               uniforms: torch.Tensor | None) -> torch.Tensor:
+    def select(self, active: torch.Tensor, outputs: list[torch.Tensor], tables: dict, chooser: Chooser) -> torch.Tensor:
         """Active positions of ``z`` (B, M): every child of an active product is active."""
         active_z = active.new_zeros(active.shape[0], self.width + 1)
         b, j = active.nonzero(as_tuple=True)
@@ -609,8 +679,7 @@ class SumLayer(_Reader):
             result.view(batch, groups, n).copy_(s.transpose(0, 1))
         return checked(result, None if common is None else common * 2, low * low * CONVEX_SLACK, owned=workspace.enabled)
 
-    def select(self, active: torch.Tensor, outputs: list[torch.Tensor], logweights: dict,
-               chooser: Chooser, uniforms: torch.Tensor | None) -> torch.Tensor:
+    def select(self, active: torch.Tensor, outputs: list[torch.Tensor], logweights: dict, chooser: Chooser) -> torch.Tensor:
         """Active positions of ``z`` (B, M): each active sum node picks one child with
         probability proportional to weight times child value (or the best one for MPE);
         ``outputs`` are log-values."""
@@ -620,14 +689,13 @@ class SumLayer(_Reader):
         start = 0
         for i, spec in enumerate(self.dense):
             x = self.dense_inputs(i, z)
-            logw = self.dense_logw(i, logweights, False)
+            logw = self.dense_logw(i, logweights, True)
             n = logw.shape[1]
             size = spec["groups"] * n
             b, flat = active[:, start:start + size].nonzero(as_tuple=True)
-            g, j = flat // n, flat % n
-            logits = logw[g, j] + x[b, g]
-            u = uniforms[b, start + flat] if uniforms is not None else None
-            chosen = chooser(logits, u)
+            g, j = (torch.zeros_like(flat), flat) if spec["groups"] == 1 else (flat // n, flat % n)
+            rows = logw[0].index_select(0, j) if logw.shape[0] == 1 else logw.reshape(-1, logw.shape[-1]).index_select(0, flat)
+            chosen = chooser(rows + x.reshape(-1, x.shape[-1]).index_select(0, b * x.shape[1] + g))
             active_z[b, getattr(self, f"dense_children_{i}")[g, chosen]] = True
             start += size
         if self.sparse:
@@ -636,9 +704,7 @@ class SumLayer(_Reader):
                 children = getattr(self, f"sparse_children_{i}")
                 size = children.shape[0]
                 b, j = active[:, start:start + size].nonzero(as_tuple=True)
-                logits = logweights[spec["key"]][j] + zp[b[:, None], children[j]]
-                u = uniforms[b, start + j] if uniforms is not None else None
-                chosen = chooser(logits, u)
+                chosen = chooser(logweights[spec["key"]][j] + zp[b[:, None], children[j]])
                 active_z[b, children[j, chosen]] = True
                 start += size
         return active_z[:, : self.width]

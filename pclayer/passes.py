@@ -65,6 +65,7 @@ def contiguous_reads(plan: Plan) -> Plan:
         if isinstance(spec, InputLayerSpec):
             for bucket in spec.buckets:
                 bucket.shared_bank = _shared(bucket.group_bank)
+                bucket.var_start = contiguous_start(bucket.group_var)
             continue
         for segment in spec.sources:
             start = contiguous_start(segment.index)

@@ -69,6 +69,8 @@ class InputBucket:
     group_var: torch.Tensor
     #: pass: the one bank row every group uses, or None.
     shared_bank: int | None = None
+    #: pass: first variable when ``group_var`` is a contiguous run (columns read as a view).
+    var_start: int | None = None
 
 
 @dataclass

@@ -18,14 +18,15 @@ from pclayer.traversal import LayerValues
 
 def top_down(circuit, values: LayerValues, tables: dict[str, torch.Tensor], x: torch.Tensor,
              missing: torch.Tensor | None, evidence: torch.Tensor | None, chooser: Chooser,
-             uniforms: Callable[[int, int], torch.Tensor] | None,
-             normals: Callable[[int], torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             normals: Callable[[int], torch.Tensor] | None,
+             node_log_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Run the top-down pass over bottom-up ``values`` (log-values read per layer).
 
     Args:
-        uniforms: ``(batch, num_nodes) -> uniforms`` called once per layer from the top
-            (so a kernel given the same uniforms chooses identically); None for MPE.
-        normals: ``count -> standard normals`` for Gaussian inputs; None for MPE.
+        chooser: picks one child per active sum node and one value per missing tabular
+            input from their log-weights: a draw for sampling, the best for MPE.
+        normals: ``count -> standard normals`` for continuous inputs; None for MPE (modes).
+        node_log_probs: also return the active input node's log-probability row per variable.
 
     Returns:
         ``(x_out (B, V), node (B, V), node_log_probs (B, V, K))`` as in
@@ -37,8 +38,7 @@ def top_down(circuit, values: LayerValues, tables: dict[str, torch.Tensor], x: t
     active[root_layer][:, root_index] = True
     for index in range(len(circuit.layers) - 1, 0, -1):
         layer = circuit.layers[index]
-        u = uniforms(batch, circuit.layer_widths[index]) if uniforms is not None else None
-        active_z = layer.select(active[index], values, tables, chooser, u)
+        active_z = layer.select(active[index], values, tables, chooser)
         layer.scatter_active(active_z, active)
-    u = uniforms(batch, circuit.layer_widths[0]) if uniforms is not None else None
-    return circuit.layers[0].emit(active[0], tables, x, missing, evidence, chooser, u, normals, circuit.num_cats)
+    return circuit.layers[0].emit(active[0], tables, x, missing, evidence, chooser, normals, circuit.num_cats,
+                                  node_log_probs)

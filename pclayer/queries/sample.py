@@ -87,17 +87,15 @@ def sample(circuit, num_samples: int | None = None, *, x: torch.Tensor | None = 
     require_positive(values.root(circuit), "sample")
     device, dtype, runtime = circuit.device, circuit.dtype, circuit.runtime
 
-    def chooser(logits: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
-        return dispatch.inverse_cdf(logits, u, backend=runtime.backend, record=runtime)
-
-    def uniforms(rows: int, cols: int) -> torch.Tensor:
-        return torch.rand(rows, cols, generator=generator, dtype=dtype, device=device)
+    def chooser(logits: torch.Tensor) -> torch.Tensor:  # inverse CDF with one uniform per row
+        uniforms = torch.rand(logits.shape[0], generator=generator, dtype=dtype, device=device)
+        return dispatch.inverse_cdf(logits, uniforms, backend=runtime.backend, record=runtime)
 
     def normals(count: int) -> torch.Tensor:
         return torch.randn(count, generator=generator, dtype=dtype, device=device)
 
     x_out, node, node_logp = top_down(circuit, values, tables.log, ev.x, ev.missing, ev.soft_evidence,
-                                      chooser, uniforms, normals)
+                                      chooser, normals, node_log_probs=return_nodes)
     x_out = torch.where(missing, x_out.to(x.dtype), x) if missing is not None else x.clone()
     if return_nodes:
         return SampleResult(x_out, node, node_logp)
