@@ -7,7 +7,7 @@ a structure builder (:mod:`pclayer.structures`), :func:`compile` it, then query 
 
 from pclayer import structures
 from pclayer.circuit import TensorCircuit, compile
-from pclayer.distributions import Bernoulli, Categorical, Gaussian, Indicator
+from pclayer.distributions import Bernoulli, Binomial, Categorical, Distribution, Gaussian, Indicator
 from pclayer.errors import StructureError, ZeroProbabilityError
 from pclayer.nodes import InputGroup, NodeGroup, ProductGroup, SumGroup, inputs, multiply, summate
 from pclayer.queries import SampleResult, log_prob, mpe, posterior, sample
@@ -16,7 +16,7 @@ from pclayer.topk import TopKEvidence
 __version__ = "0.1.0"
 
 __all__ = [
-    "Bernoulli", "Categorical", "Gaussian", "Indicator",
+    "Bernoulli", "Binomial", "Categorical", "Distribution", "Gaussian", "Indicator",
     "InputGroup", "NodeGroup", "ProductGroup", "SumGroup",
     "SampleResult", "StructureError", "TensorCircuit", "TopKEvidence", "ZeroProbabilityError",
     "compile", "inputs", "structures", "log_prob", "mpe", "multiply", "posterior", "sample", "summate",

@@ -138,6 +138,10 @@ class Distribution:
         return bank.numel()
 
     # tabular family
+    def table_shape(self, bank_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape (banks, n, K) of the table of a stored bank of shape ``bank_shape`` (banks, n, ...)."""
+        return (*bank_shape[:2], self.num_cats)
+
     def log_table(self, bank: torch.Tensor) -> torch.Tensor:
         """(banks, n, K) normalised log-probabilities from the stored bank; differentiable."""
         raise NotImplementedError

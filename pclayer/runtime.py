@@ -171,10 +171,11 @@ class Runtime:
             self.bank_views[key] = entry
         return entry[1]
 
-    def natural_scratch(self, raw: torch.Tensor) -> torch.Tensor:
-        """A scratch buffer shaped like ``raw`` (normalising in the natural layout before a
-        transposed copy), reused across tables."""
+    def natural_scratch(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A scratch buffer of ``shape`` with ``like``'s dtype and device (a table normalised in
+        its natural layout before a transposed copy), reused across tables."""
+        numel = math.prod(shape)
         scratch = self.scratch
-        if scratch is None or scratch.numel() < raw.numel() or scratch.dtype != raw.dtype or scratch.device != raw.device:
-            scratch = self.scratch = raw.new_empty(raw.numel())
-        return scratch[:raw.numel()].view(raw.shape)
+        if scratch is None or scratch.numel() < numel or scratch.dtype != like.dtype or scratch.device != like.device:
+            scratch = self.scratch = like.new_empty(numel)
+        return scratch[:numel].view(shape)

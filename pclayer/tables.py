@@ -28,6 +28,14 @@ def normalise_log(circuit, key: str, raw: torch.Tensor) -> torch.Tensor:
     return distribution.log_table(raw) if distribution.tabular else raw
 
 
+def table_shape(circuit, key: str, raw: torch.Tensor) -> tuple[int, ...]:
+    """Shape of the normalised table of bank ``key`` stored as ``raw``."""
+    bank = circuit.plan.banks[key]
+    if bank.role == "input":
+        return circuit.bank_distribution(key).table_shape(tuple(raw.shape))
+    return tuple(raw.shape)
+
+
 def normalise_linear(circuit, key: str, raw: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """Probabilities of bank ``key`` (natural layout) from its stored tensor, into ``out``."""
     bank = circuit.plan.banks[key]
@@ -58,10 +66,6 @@ class Tables:
             self._log = self.circuit.log_tables()
         return self._log
 
-    def raw_numel(self, key: str) -> int:
-        """Number of entries of the stored bank ``key``."""
-        return self.circuit.bank_tensor(key).numel()
-
     def linear(self, key: str, transposed: bool = False) -> tuple[torch.Tensor, float]:
         """Probabilities of bank ``key`` and their smallest entry (a float). ``transposed``: a
         3-d table (banks, R, C) comes as the contiguous (banks, C, R), so that one (bank,
@@ -85,13 +89,15 @@ class Tables:
         mask = circuit.fixed_tensor(bank.mask) if bank.mask else None
         runtime = circuit.runtime
 
+        natural_shape = table_shape(circuit, key, raw)
+
         def compute(buffer: torch.Tensor | None) -> torch.Tensor:
-            shape = (raw.shape[0], raw.shape[2], raw.shape[1]) if transposed else tuple(raw.shape)
+            shape = (natural_shape[0], natural_shape[2], natural_shape[1]) if transposed else natural_shape
             if buffer is None or tuple(buffer.shape) != shape or buffer.dtype != raw.dtype or buffer.device != raw.device:
                 buffer = raw.new_empty(shape)
             if not transposed:
                 return normalise_linear(circuit, key, raw, buffer)
-            natural = normalise_linear(circuit, key, raw, runtime.natural_scratch(raw))
+            natural = normalise_linear(circuit, key, raw, runtime.natural_scratch(natural_shape, raw))
             return buffer.copy_(natural.transpose(1, 2))
 
         return runtime.cached_linear(key, transposed, stamp(raw, mask), compute)

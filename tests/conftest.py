@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pclayer as pc
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
@@ -203,3 +204,17 @@ def evidence(draw, var_cats: list[int], batch: int = 3, soft: bool = True):
     missing = rng.random((batch, num_vars)) < 0.5
     weights = rng.normal(size=(batch, num_vars, k)) if soft and draw(st.booleans()) else None
     return x, missing, weights
+
+
+@pytest.fixture(params=[True, False], ids=["optimized", "plain"])
+def both_programs(request, monkeypatch):
+    """Run a test module's circuits compiled both with and without the optimisation passes:
+    ``pc.compile`` defaults to the parameter's ``optimize`` setting."""
+    original = pc.compile
+
+    def compile_with(root, *args, **kwargs):
+        kwargs.setdefault("optimize", request.param)
+        return original(root, *args, **kwargs)
+
+    monkeypatch.setattr(pc, "compile", compile_with)
+    return request.param

@@ -52,6 +52,11 @@ def _input_values(group: pc.InputGroup, column: np.ndarray) -> np.ndarray:
     if isinstance(dist, pc.Bernoulli):
         p = _as_numpy(group.params["p"])
         return np.where(xs[:, None] == 1, p[None], 1.0 - p[None])
+    if isinstance(dist, pc.Binomial):
+        p = _as_numpy(group.params["p"])[None]
+        k = xs[:, None]
+        coefficients = np.array([math.comb(dist.n, int(v)) for v in xs], dtype=np.float64)[:, None]
+        return coefficients * p ** k * (1.0 - p) ** (dist.n - k)
     probs = _as_numpy(group.params["probs"])  # Categorical: (n, K)
     return probs[:, xs].T
 

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 import reference as ref
 
+pytestmark = pytest.mark.usefixtures("both_programs")  # every property, optimised and plain
+
 
 @st.composite
 def hmm_cases(draw, max_len: int = 7):

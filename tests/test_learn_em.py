@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 import pclayer as pc
 from pclayer.learn import FullBatchEM, MiniBatchEM, compute_flows, m_step
 
+pytestmark = pytest.mark.usefixtures("both_programs")  # every property, optimised and plain
+
 F64 = torch.float64
 
 

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 import reference as ref
 from conftest import deterministic_circuits, evidence, random_circuits
 
+pytestmark = pytest.mark.usefixtures("both_programs")  # every property, optimised and plain
+
 
 def _tensors(x, missing, weights):
     return (torch.as_tensor(x), torch.as_tensor(missing),

@@ -13,6 +13,8 @@ from scipy import stats
 import reference as ref
 from conftest import evidence, random_circuits
 
+pytestmark = pytest.mark.usefixtures("both_programs")  # every property, optimised and plain
+
 NUM_SAMPLES = 20000
 P_MIN = 1e-3
 
