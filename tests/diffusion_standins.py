@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from diffusion import apply_to_block
+from diffusion import adapters, apply_to_block
 
 LLADA_VOCAB, LLADA_MASK, LLADA_EOS, LLADA_EOT = 10, 9, 7, 8
 
@@ -85,8 +85,9 @@ def llada_generate(model, prompt, attention_mask=None, steps=8, gen_length=8, bl
                 logits = model(x, attention_mask=attention_mask).logits
             if logits_eos_inf:
                 logits[:, :, LLADA_EOS] = -torch.inf
-            if layer is not None:
-                logits = apply_to_block(layer, logits, x, block_start, block_end)  # CODD
+            if layer is not None:  # CODD: the two lines below
+                start = prompt.shape[1] + num_block * block_length
+                logits = apply_to_block(layer, logits, x, start, start + block_length)
             scores = logits.double()
             if temperature > 0:
                 scores = scores - temperature * torch.log(-torch.log(torch.rand(scores.shape, dtype=torch.float64)))
@@ -167,6 +168,27 @@ def dream_sample(model, input_ids, attention_mask, *, max_length, steps, mask_to
     return x
 
 
+class TinyDreamGenerator:
+    """The ``model.diffusion_generate`` entry point of a Dream model (greedy)."""
+
+    def __init__(self, model: TinyDream):
+        self.model = model
+
+    def diffusion_generate(self, input_ids, attention_mask=None, *, max_new_tokens, steps,
+                           generation_logits_hook_func=lambda step, x, logits: logits,
+                           generation_tokens_hook_func=lambda step, x, logits: x):
+        return dream_sample(self.model, input_ids, attention_mask, max_length=input_ids.shape[1] + max_new_tokens,
+                            steps=steps, generation_logits_hook_func=generation_logits_hook_func,
+                            generation_tokens_hook_func=generation_tokens_hook_func)
+
+
+def dream_with_codd(model: TinyDreamGenerator, layer, input_ids, attention_mask, max_new_tokens, steps):
+    """User code calling Dream with the CoDD hook (the README's change)."""
+    hook = adapters.dream_logits_hook(layer)
+    return model.diffusion_generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, steps=steps,
+                                    generation_logits_hook_func=hook, generation_tokens_hook_func=hook.tokens_hook)
+
+
 NEG_INFINITY = -1e6
 
 
@@ -186,6 +208,11 @@ class TinyMDLM(nn.Module):
         self.token = nn.Parameter(torch.randn(width, 8, generator=g))
         self.out = nn.Parameter(torch.randn(8, width, generator=g) * 2)
         self.sigmas: list[torch.Tensor] = []
+        self.codd = None
+
+    def use_codd(self, layer) -> None:
+        """The README's change to MDLM's ``Diffusion.__init__``."""
+        self.codd = adapters.mdlm_denoiser(self.forward, layer)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         self.sigmas.append(sigma)
@@ -199,21 +226,24 @@ class TinyMDLM(nn.Module):
         return logits
 
 
+    @torch.no_grad()
+    def _ddpm_update(self, x: torch.Tensor, t: torch.Tensor, dt: float, generator: torch.Generator) -> torch.Tensor:
+        """MDLM's ``_ddpm_update``: ``q(x_s) = p(x_0) * (move_chance_t - move_chance_s)``, the
+        mask column set to ``move_chance_s``, a categorical draw, unmasked positions copied."""
+        sigma_t, sigma_s = loglinear_sigma(t), loglinear_sigma(t - dt)
+        move_t = (1 - torch.exp(-sigma_t))[:, None, None]
+        move_s = (1 - torch.exp(-sigma_s))[:, None, None]
+        unet_conditioning = sigma_t
+        if self.codd is None:
+            log_p_x0 = self.forward(x, unet_conditioning)
+        else:  # CODD
+            log_p_x0 = self.codd(x, unet_conditioning)
+        q_xs = log_p_x0.exp() * (move_t - move_s)
+        q_xs[:, :, self.mask_index] = move_s[:, :, 0]
+        draws = (q_xs / -torch.log(torch.rand(q_xs.shape, generator=generator, dtype=q_xs.dtype) + 1e-10)).argmax(-1)
+        return torch.where(x != self.mask_index, x, draws)
+
+
 def loglinear_sigma(t: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     """MDLM's log-linear noise: ``sigma(t) = -log(1 - (1 - eps) t)``."""
     return -torch.log1p(-(1 - eps) * t)
-
-
-@torch.no_grad()
-def mdlm_ddpm_update(forward, x: torch.Tensor, t: torch.Tensor, dt: float, mask_index: int,
-                     generator: torch.Generator) -> torch.Tensor:
-    """MDLM's ``_ddpm_update``: ``q(x_s) = p(x_0) * (move_chance_t - move_chance_s)``, the mask
-    column set to ``move_chance_s``, a categorical draw, unmasked positions copied."""
-    sigma_t, sigma_s = loglinear_sigma(t), loglinear_sigma(t - dt)
-    move_t = (1 - torch.exp(-sigma_t))[:, None, None]
-    move_s = (1 - torch.exp(-sigma_s))[:, None, None]
-    log_p_x0 = forward(x, sigma_t)
-    q_xs = log_p_x0.exp() * (move_t - move_s)
-    q_xs[:, :, mask_index] = move_s[:, :, 0]
-    draws = (q_xs / -torch.log(torch.rand(q_xs.shape, generator=generator, dtype=q_xs.dtype) + 1e-10)).argmax(-1)
-    return torch.where(x != mask_index, x, draws)

@@ -12,8 +12,8 @@ import diffusion
 import pclayer as pc
 from diffusion import CoDDLayer, adapters, apply_to_block, codd_loss, generate, train_codd, windowed_loss
 from tests.diffusion_standins import (
-    LLADA_EOS, LLADA_EOT, LLADA_MASK, LLADA_VOCAB, TinyDream, TinyLLaDA, TinyMDLM, dream_sample, llada_generate,
-    loglinear_sigma, mdlm_ddpm_update,
+    LLADA_EOS, LLADA_EOT, LLADA_MASK, LLADA_VOCAB, TinyDream, TinyDreamGenerator, TinyLLaDA, TinyMDLM, dream_sample,
+    dream_with_codd, llada_generate, loglinear_sigma,
 )
 
 ALWAYS = float("inf")
@@ -55,18 +55,22 @@ def test_generate_warns_when_the_gate_disables_the_layer_on_every_step():
 
 
 def test_dream_hook_warns_once_per_generation_when_never_coupled():
-    model = TinyDream()
+    model = TinyDreamGenerator(TinyDream())
     prompt = torch.tensor([[1, 2, 3]])
-    hook = adapters.dream_logits_hook(hmm_layer(4, LLADA_VOCAB, LLADA_MASK))  # gate 1.0, one step: never coupled
+    layer = hmm_layer(4, LLADA_VOCAB, LLADA_MASK)  # gate 1.0 with one step: never coupled
     with pytest.warns(UserWarning, match="disabled the CoDD layer on every step") as record:
-        dream_sample(model, prompt, None, max_length=9, steps=1, generation_logits_hook_func=hook,
-                     generation_tokens_hook_func=hook.tokens_hook)
+        dream_with_codd(model, layer, prompt, None, max_new_tokens=6, steps=1)
     assert len(record) == 1
-    hook = adapters.dream_logits_hook(hmm_layer(4, LLADA_VOCAB, LLADA_MASK, gate=ALWAYS))
+    hook = adapters.dream_logits_hook(layer)  # without the tokens hook: the warning comes with the next generation
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        dream_sample(model, prompt, None, max_length=9, steps=1, generation_logits_hook_func=hook,
-                     generation_tokens_hook_func=hook.tokens_hook)
+        model.diffusion_generate(prompt, max_new_tokens=6, steps=1, generation_logits_hook_func=hook)
+    with pytest.warns(UserWarning, match="disabled the CoDD layer"):
+        model.diffusion_generate(prompt, max_new_tokens=6, steps=1, generation_logits_hook_func=hook)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = dream_with_codd(model, hmm_layer(4, LLADA_VOCAB, LLADA_MASK, gate=ALWAYS), prompt, None, 6, 1)
+        assert not bool((out == LLADA_MASK).any())
 
 
 # ----------------------------------------------------------------------------- point 2: the mask id
@@ -222,11 +226,14 @@ def test_mdlm_denoiser_keeps_mdlms_schedule(mask_in_vocab):
                                                              vocab_size=vocab)(x, sigma), x, 0, length)
     assert float(unnormalised.detach().exp().sum(-1)[masked].max()) < 0.5  # the latent mode alone is far from normalised
     # MDLM's sampler from t = 1 to t = 0.5 in 8 steps of its schedule: about half the positions unmask.
-    for forward in (mdlm.forward, codd):
+    for with_codd in (False, True):
+        if with_codd:
+            mdlm.use_codd(layer)
+        torch.manual_seed(3)
         g = torch.Generator().manual_seed(2)
         x = torch.full((rows, length), mdlm.mask_index)
         for step in range(8):
-            x = mdlm_ddpm_update(forward, x, torch.full((rows,), 1 - step / 16), 1 / 16, mdlm.mask_index, g)
+            x = mdlm._ddpm_update(x, torch.full((rows,), 1 - step / 16), 1 / 16, g)
         still_masked = float((x == mdlm.mask_index).double().mean())
         assert 0.35 < still_masked < 0.65, still_masked
 
