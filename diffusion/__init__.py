@@ -12,7 +12,8 @@ from diffusion.layer import MODES, CoDDLayer
 from diffusion.loss import codd_loss, mask_ratio
 from diffusion.pretrained import from_pretrained, save_pretrained
 from diffusion.sampling import REMASKING
-from diffusion.train import train_codd
+from diffusion.train import train_codd, windowed_loss
+from diffusion.windows import apply_to_block
 
-__all__ = ["MODES", "REMASKING", "CoDDLayer", "SparseLogits", "adapters", "codd_loss", "from_pretrained", "generate",
-           "mask_ratio", "save_pretrained", "train_codd"]
+__all__ = ["MODES", "REMASKING", "CoDDLayer", "SparseLogits", "adapters", "apply_to_block", "codd_loss",
+           "from_pretrained", "generate", "mask_ratio", "save_pretrained", "train_codd", "windowed_loss"]

@@ -123,7 +123,7 @@ def check_logits(logits: object, num_vars: int, vocab: int) -> torch.Tensor | Sp
         return check_sparse_logits(logits, num_vars, vocab)
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise TypeError(f"logits: expected a float tensor of shape (B, w, {vocab}), got {getattr(logits, 'dtype', type(logits).__name__)}")
-    if logits.ndim != 3 or logits.shape[2] != vocab or not 1 <= logits.shape[1] <= num_vars or logits.shape[0] < 1:
+    if logits.ndim != 3 or logits.shape[2] != vocab or not 1 <= logits.shape[1] <= num_vars:
         raise ValueError(
             f"logits: expected shape (B, w, V) with V = {vocab} (the circuit's vocabulary) and "
             f"1 <= w <= {num_vars} (the circuit's window), got {tuple(logits.shape)}"
@@ -140,7 +140,7 @@ def check_sparse_logits(logits: SparseLogits, num_vars: int, vocab: int) -> Spar
     values, indices = logits
     if not isinstance(values, torch.Tensor) or not values.is_floating_point():
         raise TypeError(f"logits.values: expected a float tensor of shape (B, w, k), got {getattr(values, 'dtype', type(values).__name__)}")
-    if values.ndim != 3 or not 1 <= values.shape[1] <= num_vars or values.shape[0] < 1 or not 1 <= values.shape[2] <= vocab:
+    if values.ndim != 3 or not 1 <= values.shape[1] <= num_vars or not 1 <= values.shape[2] <= vocab:
         raise ValueError(f"logits.values: expected shape (B, w, k) with 1 <= w <= {num_vars} and 1 <= k <= {vocab}, got {tuple(values.shape)}")
     if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64 or indices.shape != values.shape:
         raise ValueError(f"logits.indices: expected an int64 tensor of shape {tuple(values.shape)}, "
@@ -155,6 +155,17 @@ def check_sparse_logits(logits: SparseLogits, num_vars: int, vocab: int) -> Spar
     if (values == torch.inf).any():
         raise ValueError("logits.values: +inf entries; expected finite logits (or -inf for excluded tokens)")
     return logits
+
+
+def without_mask_token(logits: torch.Tensor | SparseLogits, mask_id: int, vocab: int) -> torch.Tensor | SparseLogits:
+    """The logits with the mask token's entry at ``-inf`` when ``mask_id < V`` (an in-vocabulary
+    mask, as in LLaDA and Dream): the mask id is never a prediction. Unchanged otherwise."""
+    if mask_id >= vocab:
+        return logits
+    if isinstance(logits, SparseLogits):
+        values = logits.values.masked_fill(logits.indices == mask_id, -torch.inf)
+        return SparseLogits(values, logits.indices)
+    return logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), -torch.inf)
 
 
 def tempered_top_k(logits: torch.Tensor | SparseLogits, temperature: float, top_k: int | None,
@@ -197,11 +208,12 @@ def window_evidence(circuit, logits: torch.Tensor | SparseLogits, x_t: torch.Ten
         top_k: keep only the top-k candidates per position (None = full vocabulary).
 
     With ``top_k`` smaller than ``V`` or sparse logits the evidence is a
-    :class:`pclayer.TopKEvidence` (no dense (B, W, V) evidence is built).
+    :class:`pclayer.TopKEvidence` (no dense (B, W, V) evidence is built). An in-vocabulary
+    mask id (``mask_id < V``) gets probability zero (see :func:`without_mask_token`).
     """
     vocab = check_circuit(circuit)
     num_vars = circuit.num_vars
-    logits = check_logits(logits, num_vars, vocab)
+    logits = without_mask_token(check_logits(logits, num_vars, vocab), mask_id, vocab)
     batch, width, _ = logits.shape
     x_t = check_tokens("x_t", x_t, (batch, width), vocab, mask_id)
     devices = {logits.values.device if isinstance(logits, SparseLogits) else logits.device, x_t.device}

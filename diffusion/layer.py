@@ -30,13 +30,21 @@ class CoDDLayer(nn.Module):
         circuit: a :class:`pclayer.TensorCircuit` whose ``W`` variables are all categorical
             over the backbone vocabulary ``V`` (the paper: a homogeneous HMM, 1024 states).
             Its parameters are this module's parameters (trained by :func:`diffusion.codd_loss`).
-        mask_id: the mask token id in ``x_t``; may be ``>= V`` (MDLM puts it at ``V``).
+        mask_id: the mask token id in ``x_t``; may be ``>= V`` (MDLM's GPT-2 setting puts it at
+            ``V``). An in-vocabulary mask id (``mask_id < V``: LLaDA, Dream, MDLM's BERT
+            setting) is never predicted: its logit is ``-inf`` at every masked position of the
+            output and it has probability zero in the product.
         temperature: tau > 0; the backbone term is tempered, ``p_theta^(1/tau)``, before the
             product (the paper tempers only the backbone term). Also used by :meth:`log_prob`;
             train with 1.0.
-        gate: gamma; a row's window is modified only when its mask ratio (masked positions /
-            real window positions) is strictly below ``gate``. Each row is gated on its own
-            (the published code averages the ratio over the batch). ``gate > 1`` never gates.
+        gate: gamma (the paper's adaptive activation); a row's window is coupled only when its
+            mask ratio (masked positions / real window positions) is strictly below ``gate``.
+            Each row is gated on its own (the published code averages the ratio over the
+            batch). The first step of every block sees a fully masked window (ratio 1), so
+            any ``gate <= 1`` leaves that step plain; with one step per block a
+            ``gate <= 1`` never couples at all. ``gate > 1`` (e.g. ``float("inf")``) couples
+            every step. :func:`diffusion.generate` warns when the gate disabled the layer on
+            every step.
         mode: what the call returns at masked positions:
             ``"latent"`` (the paper): draw the latent path (one input node per position) from
             its posterior under the product and return
@@ -57,13 +65,16 @@ class CoDDLayer(nn.Module):
             (no dense (B, W, V) evidence; except that the ``"marginal"`` and ``"any_order"``
             posteriors of a window shorter than the circuit, whose summed-out padding needs a
             full row, take :func:`pclayer.posterior`'s dense route). ``None`` = full vocabulary (exact).
+        normalize: return log-probabilities instead of logits: ``log_softmax`` over the
+            vocabulary at every position (the ``"latent"`` mode's output is otherwise not
+            normalised). Samplers that multiply ``p(x_0)`` by a rate (MDLM) need this.
 
     Returned logits may contain ``-inf`` (tokens of probability zero); unmasked positions and
     ungated rows are returned unchanged.
     """
 
     def __init__(self, circuit: pclayer.TensorCircuit, *, mask_id: int, temperature: float = 1.0,
-                 gate: float = 1.0, mode: str = "latent", top_k: int | None = None):
+                 gate: float = 1.0, mode: str = "latent", top_k: int | None = None, normalize: bool = False):
         super().__init__()
         if not isinstance(circuit, pclayer.TensorCircuit):
             raise TypeError(f"circuit: expected a pclayer.TensorCircuit (see pclayer.compile), got {type(circuit).__name__}")
@@ -78,6 +89,7 @@ class CoDDLayer(nn.Module):
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         self.mode = mode
         self.top_k = check_top_k(top_k, self.vocab_size)
+        self.normalize = _check_bool("normalize", normalize)
 
     @property
     def window(self) -> int:
@@ -86,7 +98,8 @@ class CoDDLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"window={self.window}, vocab_size={self.vocab_size}, mask_id={self.mask_id}, "
-                f"temperature={self.temperature}, gate={self.gate}, mode={self.mode!r}, top_k={self.top_k}")
+                f"temperature={self.temperature}, gate={self.gate}, mode={self.mode!r}, top_k={self.top_k}, "
+                f"normalize={self.normalize}")
 
     def evidence(self, logits: torch.Tensor | SparseLogits, x_t: torch.Tensor) -> WindowEvidence:
         """The window's circuit evidence (see :func:`diffusion.evidence.window_evidence`)."""
@@ -100,31 +113,37 @@ class CoDDLayer(nn.Module):
         return masked.any(dim=1) & (ratio < (self.gate if gate is None else gate))
 
     def forward(self, logits: torch.Tensor | SparseLogits, x_t: torch.Tensor, generator: torch.Generator | None = None,
-                gate: float | None = None) -> torch.Tensor:
+                gate: float | None = None, normalize: bool | None = None) -> torch.Tensor:
         """Apply the layer to a window.
 
         Args:
             logits: (B, w, V) backbone logits of the window's positions, ``w <= W``; a window
                 shorter than the circuit (end of a sequence) sums out positions ``w..W-1``;
                 or :class:`~diffusion.evidence.SparseLogits` (k candidates per position).
+                ``B = 0`` gives an empty result.
             x_t: (B, w) current tokens, ``mask_id`` where masked.
             generator: torch generator for the random modes (``"latent"``, ``"sample"``).
             gate: overrides ``self.gate`` for this call.
+            normalize: overrides ``self.normalize`` for this call.
 
         Returns:
-            (B, w, V) logits in ``logits.dtype``: modified at the masked positions of gated rows.
+            (B, w, V) logits in ``logits.dtype``: coupled at the masked positions of gated rows;
+            the mask id's entry is ``-inf`` at every masked position when ``mask_id < V``;
+            with ``normalize``, ``log_softmax`` of that over the vocabulary at every position.
         """
+        normalize = self.normalize if normalize is None else _check_bool("normalize", normalize)
         ev = self.evidence(logits, x_t)
         rows = self.gated_rows(x_t, gate).nonzero().flatten()
         out = _dense_logits(logits, self.vocab_size)
-        if rows.numel() == 0:
-            return out
-        sub = ev.rows(rows)
-        with torch.no_grad():
-            new = self._window_logits(sub, generator)[:, : ev.width]
-        masked = sub.masked[:, : ev.width].unsqueeze(-1)
-        out[rows] = torch.where(masked, new.to(out.dtype), out[rows])
-        return out
+        if self.mask_id < self.vocab_size:
+            out[..., self.mask_id] = torch.where(ev.masked[:, : ev.width], -torch.inf, out[..., self.mask_id])
+        if rows.numel():
+            sub = ev.rows(rows)
+            with torch.no_grad():
+                new = self._window_logits(sub, generator)[:, : ev.width]
+            masked = sub.masked[:, : ev.width].unsqueeze(-1)
+            out[rows] = torch.where(masked, new.to(out.dtype), out[rows])
+        return torch.log_softmax(out, dim=-1) if normalize else out
 
     def _window_logits(self, ev: WindowEvidence, generator: torch.Generator | None) -> torch.Tensor:
         """(B, W, V) new logits for every position of the (gated) rows of ``ev`` (only the
@@ -183,6 +202,10 @@ class CoDDLayer(nn.Module):
         ev = self.evidence(logits, x_t)
         batch, width = x_t.shape
         x_0 = check_tokens("x_0", x_0, (batch, width), self.vocab_size, None)
+        if self.mask_id < self.vocab_size and bool((x_0 == self.mask_id).any()):
+            raise ValueError(f"x_0: contains the mask id {self.mask_id}; clean tokens never equal the mask")
+        if batch == 0:
+            return torch.zeros(0, dtype=self.circuit.dtype, device=x_0.device)
         unmasked = ~ev.masked[:, :width]
         disagree = unmasked & (x_0 != x_t)
         if bool(disagree.any()):
@@ -196,6 +219,12 @@ class CoDDLayer(nn.Module):
             rows = torch.isinf(denominator).nonzero().flatten().tolist()
             raise pclayer.ZeroProbabilityError(f"x_t: the unmasked tokens of rows {rows[:10]} have probability zero under the circuit")
         return numerator - denominator
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected True or False, got {value!r}")
+    return value
 
 
 def _dense_logits(logits: torch.Tensor | SparseLogits, vocab: int) -> torch.Tensor:

@@ -38,6 +38,8 @@ def codd_loss(layer: CoDDLayer, x_0: torch.Tensor, logits: torch.Tensor | Sparse
     """
     log_p = layer.log_prob(x_0, logits, x_t)
     batch, width = x_t.shape
+    if batch == 0:
+        raise ValueError("x_t: empty batch (B = 0); the loss is a mean over rows and needs at least one")
     has_mask = (x_t == layer.mask_id).any(dim=1)
     if weight is None:
         ratio = mask_ratio(x_t, layer.mask_id)

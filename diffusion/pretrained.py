@@ -3,7 +3,8 @@
 Layout::
 
     <directory>/codd_config.json   {"mask_id", "vocab_size", "window", "temperature", "gate",
-                                    "mode", "top_k", "circuit_file"}
+                                    "mode", "top_k", "normalize",
+                                    "circuit_file"}
     <directory>/circuit.safetensors  the circuit, written by ``pclayer.save``
 
 Works offline: only local paths are read.
@@ -41,7 +42,7 @@ def save_pretrained(layer: CoDDLayer, directory: str | os.PathLike) -> Path:
     save(path / CIRCUIT_NAME, layer.circuit)
     config = {"mask_id": layer.mask_id, "vocab_size": layer.vocab_size, "window": layer.window,
               "temperature": layer.temperature, "gate": layer.gate, "mode": layer.mode, "top_k": layer.top_k,
-              "circuit_file": CIRCUIT_NAME}
+              "normalize": layer.normalize, "circuit_file": CIRCUIT_NAME}
     temporary = path / (CONFIG_NAME + ".tmp")
     temporary.write_text(json.dumps(config, indent=2))
     os.replace(temporary, path / CONFIG_NAME)
@@ -56,7 +57,7 @@ def from_pretrained(directory: str | os.PathLike, *, device: str | None = None, 
         directory: local directory (no network access).
         device: optional device for the circuit.
         overrides: keyword arguments of :class:`CoDDLayer` replacing the config's values
-            (``temperature``, ``gate``, ``mode``, ``top_k``, ``mask_id``).
+            (``temperature``, ``gate``, ``mode``, ``top_k``, ``normalize``, ``mask_id``).
 
     Raises:
         FileNotFoundError: missing directory, config or circuit file.
@@ -87,7 +88,8 @@ def from_pretrained(directory: str | os.PathLike, *, device: str | None = None, 
             f"{int(circuit.var_cats.max())} categories over {circuit.num_vars} positions"
         )
     arguments = {"mask_id": config["mask_id"], "temperature": config["temperature"], "gate": config["gate"],
-                 "mode": config.get("mode", "latent"), "top_k": config.get("top_k")}
+                 "mode": config.get("mode", "latent"), "top_k": config.get("top_k"),
+                 "normalize": config.get("normalize", False)}
     unknown = set(overrides) - set(arguments)
     if unknown:
         raise ValueError(f"overrides: unknown {sorted(unknown)}; expected some of {sorted(arguments)}")

@@ -26,7 +26,7 @@ class TinyModel(nn.Module):
         self.mix = nn.Linear(8, 8)
         self.out = nn.Linear(8, vocab + extra)
 
-    def forward(self, x):
+    def forward(self, x, attention_mask=None, position_ids=None):
         h = self.embed(x)
         h = h + torch.tanh(self.mix(h.mean(1, keepdim=True)))
         return SimpleNamespace(logits=self.out(h))
@@ -45,16 +45,18 @@ def test_adapters_on_tiny_random_model():
     dream = adapters.dream_logits(model)(x)
     assert torch.equal(dream[:, 0], raw[:, 0]) and torch.equal(dream[:, 1:], raw[:, :-1])
     mdlm_model = TinyModel(VOCAB, extra=1)
-    mdlm = adapters.mdlm_logits(lambda x: torch.log_softmax(mdlm_model(x).logits, -1), mask_index=VOCAB)(x)
+    mdlm = adapters.mdlm_logits(lambda x, sigma: torch.log_softmax(mdlm_model(x).logits, -1), mask_index=VOCAB,
+                                vocab_size=VOCAB)(x)
     assert mdlm.shape == (1, 5, VOCAB)
     with pytest.raises(ValueError, match="mask_index"):
-        adapters.mdlm_logits(lambda x: mdlm_model(x).logits, mask_index=2)(x)
+        adapters.mdlm_logits(lambda x, sigma: mdlm_model(x).logits, mask_index=2, vocab_size=VOCAB)(x)
     with pytest.raises(ValueError, match="fn"):
         adapters.callable_logits(lambda x: x.float())(x)
     for fn in (adapters.llada_logits(model), adapters.dream_logits(model), adapters.callable_logits(lambda x: model(x).logits)):
         out = generate(fn, torch.tensor([[0, 1]]), gen_length=4, block_length=2, steps=4, mask_id=MASK)
         assert out.shape == (1, 6) and not bool((out == MASK).any()) and out[0, :2].tolist() == [0, 1]
-    mdlm_fn = adapters.mdlm_logits(lambda x: torch.log_softmax(mdlm_model(x).logits, -1), mask_index=VOCAB)
+    mdlm_fn = adapters.mdlm_logits(lambda x, sigma: torch.log_softmax(mdlm_model(x).logits, -1), mask_index=VOCAB,
+                                   vocab_size=VOCAB)
     out = generate(mdlm_fn, torch.tensor([[0, 1]]), gen_length=4, block_length=4, steps=2, mask_id=VOCAB)
     assert not bool((out == VOCAB).any())
 
@@ -132,7 +134,8 @@ def test_layer_makes_greedy_decoding_coherent():
         out = generate(model, prompt, gen_length=2, block_length=2, steps=1, layer=layer, generator=torch.Generator().manual_seed(seed))
         pairs.add(tuple(out[0, 1:].tolist()))
     assert pairs == {(new, york), (san, diego)}
-    gated = generate(model, prompt, gen_length=2, block_length=2, steps=1, layer=layer, gate=0.5)
+    with pytest.warns(UserWarning, match="disabled the CoDD layer"):
+        gated = generate(model, prompt, gen_length=2, block_length=2, steps=1, layer=layer, gate=0.5)
     assert gated[0, 1:].tolist() == [new, diego]
 
 

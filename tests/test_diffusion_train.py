@@ -82,6 +82,8 @@ def test_save_and_load_pretrained(tmp_path):
     x_t = torch.tensor([[MASK, 1, MASK], [0, MASK, 2]])
     assert torch.equal(loaded(logits, x_t), layer(logits, x_t))
     assert from_pretrained(tmp_path / "codd", mode="latent", gate=2.0).mode == "latent"
+    save_pretrained(CoDDLayer(circuit, mask_id=MASK, normalize=True), tmp_path / "normalised")
+    assert from_pretrained(tmp_path / "normalised").normalize is True
     config = json.loads((tmp_path / "codd" / "codd_config.json").read_text())
     config["vocab_size"] = 9
     (tmp_path / "codd" / "codd_config.json").write_text(json.dumps(config))

@@ -167,3 +167,87 @@ def test_save_checks_its_arguments(tmp_path):
         pc.save(tmp_path / "x.safetensors", pc.structures.hmm(3, 2, 2))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         pc.save(tmp_path / "missing" / "x.safetensors", pc.compile(pc.structures.hmm(3, 2, 2)))
+
+
+# Issue 12, point 11: every corruption raises CircuitFileError at load, never later.
+
+
+def _hmm_file(tmp_path):
+    path = tmp_path / "c.safetensors"
+    pc.save(path, pc.compile(pc.structures.hmm(3, 2, 3, seed=0)))
+    return path
+
+
+def _write_header(path, header: dict, data: bytes) -> None:
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def _split_file(path) -> tuple[dict, bytes]:
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + length]), raw[8 + length:]
+
+
+def test_random_single_bit_flips_always_raise_circuit_file_error(tmp_path):
+    path = _hmm_file(tmp_path)
+    raw = path.read_bytes()
+    generator = torch.Generator().manual_seed(12)
+    header_end = 8 + int.from_bytes(raw[:8], "little")
+    # Half the flips in the 8-byte length and the JSON header (where the structure lives), half anywhere.
+    positions = torch.cat([torch.randint(0, header_end, (300,), generator=generator),
+                           torch.randint(0, len(raw), (300,), generator=generator)])
+    bits = torch.randint(0, 8, (600,), generator=generator)
+    for position, bit in zip(positions.tolist(), bits.tolist()):
+        flipped = bytearray(raw)
+        flipped[position] ^= 1 << bit
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(CircuitFileError):
+            pc.load(path)
+
+
+@pytest.mark.parametrize("entry", [[1, 2], "tensor", {"dtype": "F32", "shape": [2]},
+                                   {"dtype": "F32", "shape": [2], "data_offsets": [0, 5]},
+                                   {"dtype": "X9", "shape": [2], "data_offsets": [0, 8]},
+                                   {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}])
+def test_malformed_header_entries_raise_circuit_file_error(tmp_path, entry):
+    path = _hmm_file(tmp_path)
+    header, data = _split_file(path)
+    name = next(k for k in header if k != "__metadata__")
+    header[name] = entry
+    _write_header(path, header, data)
+    with pytest.raises(CircuitFileError, match="corrupted header|truncated"):
+        pc.load(path)
+
+
+def _resave_with_valid_checksum(path, change) -> None:
+    """Rewrite the file with ``change(tensors)`` applied and a recomputed checksum."""
+    from pclayer.io.native import _digest
+
+    header, _ = _split_file(path)
+    metadata = header["__metadata__"]
+    tensors = safetensors.torch.load_file(str(path))
+    change(tensors)
+    metadata["sha256"] = _digest(metadata["structure"], tensors)
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+
+
+def test_nan_or_positive_infinite_parameters_are_refused_at_load(tmp_path):
+    for value in (float("nan"), float("inf")):
+        path = _hmm_file(tmp_path)
+        key = next(k for k in safetensors.torch.load_file(str(path)) if k.startswith("params/"))
+        _resave_with_valid_checksum(path, lambda t: t[key].view(-1)[0].fill_(value))
+        with pytest.raises(CircuitFileError, match="NaN or \\+inf"):
+            pc.load(path)
+
+
+@pytest.mark.parametrize("shift", [1000, -1])
+def test_out_of_range_plan_indices_are_refused_at_load(tmp_path, shift):
+    path = _hmm_file(tmp_path)
+    names = [k for k, v in safetensors.torch.load_file(str(path)).items()
+             if k.startswith("plan/") and not v.is_floating_point() and v.dtype != torch.bool and v.numel()]
+    for name in names:
+        _hmm_file(tmp_path)
+        _resave_with_valid_checksum(path, lambda t: t[name].view(-1)[-1].fill_(shift if shift < 0 else int(t[name].max()) + shift))
+        with pytest.raises(CircuitFileError):
+            pc.load(path)

@@ -135,3 +135,32 @@ def test_fit_rejects_bad_arguments():
         fit(circuit, x + 5, epochs=1, batch_size=4)
     with pytest.raises(ValueError, match="distributed: fit supports method='em'"):
         fit(circuit, x, epochs=1, batch_size=4, method="adam", distributed=True)
+
+
+# Issue 12, point 12: empty data and rows without information.
+
+
+@pytest.mark.parametrize("method", ["em", "minibatch_em", "adam"])
+def test_empty_data_gives_one_clear_error_for_every_method(method):
+    circuit = pc.compile(_bayes_net(0), dtype=F64)
+    empty = torch.zeros(0, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"x: expected at least one row of data"):
+        fit(circuit, empty, epochs=1, batch_size=4, method=method, progress=False)
+    with pytest.raises(ValueError, match=r"valid_x: expected at least one row of data"):
+        fit(circuit, _bayes_net_data(10), valid_x=empty, epochs=1, batch_size=4, method=method, progress=False)
+
+
+def test_adam_skips_rows_where_every_value_is_missing():
+    x = _bayes_net_data(40)
+    missing = torch.zeros_like(x, dtype=torch.bool)
+    missing[20:] = True  # the second half carries no information
+    reference = pc.compile(_bayes_net(0), dtype=F64)
+    fit(reference, x[:20], epochs=3, batch_size=40, method="adam", lr=0.1, progress=False)
+    circuit = pc.compile(_bayes_net(0), dtype=F64)
+    fit(circuit, x, missing=missing, epochs=3, batch_size=40, method="adam", lr=0.1, progress=False)
+    for key, value in reference.params.items():
+        torch.testing.assert_close(circuit.params[key], value, rtol=1e-12, atol=1e-12)
+    untouched = pc.compile(_bayes_net(0), dtype=F64)
+    fit(untouched, x[20:], missing=missing[20:], epochs=3, batch_size=8, method="adam", lr=0.1, progress=False)
+    for key, value in pc.compile(_bayes_net(0), dtype=F64).params.items():
+        assert torch.equal(untouched.params[key], value)

@@ -84,6 +84,19 @@ def _mean_log_likelihood(circuit, data: Dataset, batch_size: int, distributed: b
     return float(total[0] / total[1])
 
 
+def _check_rows(name: str, x: object, distributed: bool, device: torch.device) -> None:
+    """Training (or validation) data needs at least one row (on some rank when distributed)."""
+    rows = x.shape[0] if isinstance(x, torch.Tensor) and x.ndim >= 1 else None
+    if rows is None:
+        return  # shape errors are reported by the evidence checks
+    if distributed:
+        count = torch.tensor([float(rows)], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(count)
+        rows = int(count.item())
+    if rows == 0:
+        raise ValueError(f"{name}: expected at least one row of data, got an empty tensor of shape {tuple(x.shape)}")
+
+
 def _split(data: Dataset, valid: Dataset | None, valid_fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
     if not 0 <= valid_fraction < 1:
         raise ValueError(f"valid_fraction: expected a number in [0, 1), got {valid_fraction!r}")
@@ -98,6 +111,15 @@ def _split(data: Dataset, valid: Dataset | None, valid_fraction: float, seed: in
     return data.rows(order[:cut]), data.rows(order[cut:])
 
 
+def _informative(batch: Dataset) -> Dataset:
+    """The rows that carry information for a gradient step: rows with every value missing
+    and no soft evidence have likelihood 1 whatever the parameters (their gradient is zero
+    up to rounding, which Adam would rescale into a real step), so they are dropped."""
+    if batch.missing is None or batch.soft_evidence is not None:
+        return batch
+    return batch.rows((~batch.missing.all(dim=1)).nonzero().flatten())
+
+
 def _train_epoch(circuit, learner: FullBatchEM | MiniBatchEM | torch.optim.Optimizer, batches: list[Dataset]) -> None:
     """One pass over ``batches``: full-batch EM accumulates and steps once at the end,
     mini-batch EM steps per batch, an optimiser descends the weighted mean NLL per batch."""
@@ -107,6 +129,9 @@ def _train_epoch(circuit, learner: FullBatchEM | MiniBatchEM | torch.optim.Optim
         elif isinstance(learner, MiniBatchEM):
             learner.step(batch.x, batch.missing, batch.soft_evidence, batch.weights)
         else:
+            batch = _informative(batch)
+            if len(batch) == 0:
+                continue
             learner.zero_grad()
             log_p = circuit.log_prob(batch.x, missing=batch.missing, soft_evidence=batch.soft_evidence)
             w = torch.ones_like(log_p) if batch.weights is None else batch.weights.to(log_p.dtype)
@@ -134,7 +159,8 @@ def fit(circuit, x: torch.Tensor, *, epochs: int, batch_size: int, method: str =
         method: ``"em"`` (full-batch EM: flows of the whole epoch, then one exact M-step;
             never decreases the training likelihood), ``"minibatch_em"`` (a damped M-step
             with ``step_size`` per batch) or ``"adam"`` (``torch.optim.Adam`` with ``lr``
-            on the mean negative log-likelihood of each batch).
+            on the mean negative log-likelihood of each batch; rows with every value missing
+            and no soft evidence carry no information and are skipped).
         valid_x, valid_missing, valid_soft_evidence, valid_weights: validation data, or
         valid_fraction: hold out this fraction of ``x`` (a seeded random split) instead.
         patience: stop after this many epochs without a better validation likelihood
@@ -155,10 +181,12 @@ def fit(circuit, x: torch.Tensor, *, epochs: int, batch_size: int, method: str =
     if distributed and method != "em":
         raise ValueError(f"distributed: fit supports method='em' across ranks, got {method!r}; for Adam wrap the "
                          "circuit in torch.nn.parallel.DistributedDataParallel")
+    _check_rows("x", x, distributed, circuit.device)
     prepare(circuit, x, missing, soft_evidence)  # fail before training, not at the first bad batch
     check_weights(weights, x.shape[0], circuit.dtype, circuit.device)
     valid = None
     if valid_x is not None:
+        _check_rows("valid_x", valid_x, distributed, circuit.device)
         prepare(circuit, valid_x, valid_missing, valid_soft_evidence)
         check_weights(valid_weights, valid_x.shape[0], circuit.dtype, circuit.device)
         valid = Dataset(valid_x, valid_missing, valid_soft_evidence, valid_weights)
