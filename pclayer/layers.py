@@ -30,8 +30,30 @@ from pclayer.runtime import Workspace
 from pclayer.tables import Tables
 from pclayer.topk import TopKEvidence
 
-Chooser = Callable[[torch.Tensor], torch.Tensor]
-"""Picks one index (A,) per row of log-weights (A, C): a draw (sampling) or the best (MPE)."""
+class Chooser:
+    """Picks one index (A,) per row of log-weights (A, C) in the top-down pass.
+
+    :meth:`uniforms` gives the randomness for a number of rows (None for deterministic
+    choices) and :meth:`pick` chooses with it; a layer that splits its rows (top-k evidence)
+    draws the uniforms for all of them first, so draws never depend on the split."""
+
+    def uniforms(self, count: int) -> torch.Tensor | None:
+        """(count,) uniforms in [0, 1), or None for a deterministic chooser."""
+        return None
+
+    def pick(self, logits: torch.Tensor, uniforms: torch.Tensor | None) -> torch.Tensor:
+        """(A,) chosen indices for ``logits`` (A, C) and ``uniforms`` (A,) or None."""
+        raise NotImplementedError
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.pick(logits, self.uniforms(logits.shape[0]))
+
+
+class ArgmaxChooser(Chooser):
+    """The largest log-weight (MPE)."""
+
+    def pick(self, logits: torch.Tensor, uniforms: torch.Tensor | None) -> torch.Tensor:
+        return logits.argmax(-1)
 
 
 def _register(module: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -153,11 +175,6 @@ class _Reader(nn.Module):
             else:
                 active[layer].index_copy_(1, index, active[layer].index_select(1, index) | part)
             start += index.numel()
-
-
-def argmax_chooser(logits: torch.Tensor) -> torch.Tensor:
-    """Deterministic choice of the largest log-weight (MPE)."""
-    return logits.argmax(-1)
 
 
 def _categorical_rows(table: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -423,15 +440,17 @@ def _emit_topk(x_out: torch.Tensor, b: torch.Tensor, var: torch.Tensor, logp: to
     inverse-CDF draws match the dense evidence's), or among all categories where the variable
     is ``free``."""
     free = evidence.free[b, var] if evidence.free is not None else torch.zeros_like(b, dtype=torch.bool)
+    uniforms = chooser.uniforms(len(b))  # one per row, in row order, whichever group it falls in
     for rows, sparse in ((~free, True), (free, False)):
         if not bool(rows.any()):
             continue
+        u = None if uniforms is None else uniforms[rows]
         if sparse:
             candidates = evidence.indices[b[rows], var[rows]]  # (R, k)
             logits = logp[rows].gather(1, candidates) + evidence.values[b[rows], var[rows]]
-            chosen = candidates.gather(1, chooser(logits).unsqueeze(1)).squeeze(1)
+            chosen = candidates.gather(1, chooser.pick(logits, u).unsqueeze(1)).squeeze(1)
         else:
-            chosen = chooser(logp[rows])
+            chosen = chooser.pick(logp[rows], u)
         x_out[b[rows], var[rows]] = chosen.to(x_out.dtype)
 
 

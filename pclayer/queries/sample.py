@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import torch
 
+from pclayer.layers import Chooser
 from pclayer.ops import dispatch
 from pclayer.queries.evidence import prepare, require_positive
 from pclayer.representations import SCALED
@@ -27,6 +28,19 @@ class SampleResult(NamedTuple):
     x: torch.Tensor
     node: torch.Tensor
     node_log_probs: torch.Tensor
+
+
+class _InverseCDF(Chooser):
+    """Exact draws by inverse CDF, one uniform per row from ``generator``."""
+
+    def __init__(self, generator: torch.Generator | None, dtype: torch.dtype, device: torch.device, runtime) -> None:
+        self.generator, self.dtype, self.device, self.runtime = generator, dtype, device, runtime
+
+    def uniforms(self, count: int) -> torch.Tensor:
+        return torch.rand(count, generator=self.generator, dtype=self.dtype, device=self.device)
+
+    def pick(self, logits: torch.Tensor, uniforms: torch.Tensor | None) -> torch.Tensor:
+        return dispatch.inverse_cdf(logits, uniforms, backend=self.runtime.backend, record=self.runtime)
 
 
 def _batch(circuit, num_samples: int | None, x: torch.Tensor | None, missing: torch.Tensor | None,
@@ -87,9 +101,7 @@ def sample(circuit, num_samples: int | None = None, *, x: torch.Tensor | None = 
     require_positive(values.root(circuit), "sample")
     device, dtype, runtime = circuit.device, circuit.dtype, circuit.runtime
 
-    def chooser(logits: torch.Tensor) -> torch.Tensor:  # inverse CDF with one uniform per row
-        uniforms = torch.rand(logits.shape[0], generator=generator, dtype=dtype, device=device)
-        return dispatch.inverse_cdf(logits, uniforms, backend=runtime.backend, record=runtime)
+    chooser = _InverseCDF(generator, dtype, device, runtime)
 
     def normals(count: int) -> torch.Tensor:
         return torch.randn(count, generator=generator, dtype=dtype, device=device)
