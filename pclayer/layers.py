@@ -524,8 +524,12 @@ class ProductLayer(_Reader):
         b = z.index_select(1, self.outer_right).view(-1, groups, 1, right)
         return a, b
 
-    def log_forward(self, outputs: list[torch.Tensor], representation=None) -> torch.Tensor:
-        """(B, P) log-values: the sum of every product's children's log-values."""
+    fused_cross_products = False  # products are never fused into the layer before them
+
+    def log_forward(self, outputs: list[torch.Tensor], logweights: dict | None = None, representation=None,
+                    runtime=None) -> torch.Tensor:
+        """(B, P) log-values: the sum of every product's children's log-values (the same in
+        every log-space representation)."""
         if self.column_reads is not None:
             parts = [read_columns(outputs, *read) for read in self.column_reads]
             out = parts[0] + parts[1] if len(parts) > 1 else parts[0].clone()
@@ -543,7 +547,8 @@ class ProductLayer(_Reader):
             out = out + self.child_column(z, f)
         return out
 
-    def scaled_forward(self, outputs: ScaledOutputs, workspace: Workspace, slot: int) -> ScaledValue | None:
+    def scaled_forward(self, outputs: ScaledOutputs, tables: Tables | None, workspace: Workspace,
+                       slot: int) -> ScaledValue | None:
         """(B, P) probabilities: the product of every product's children; None below the floor."""
         if self.column_reads is not None:
             parts = [read_columns(outputs.probs, *read) for read in self.column_reads]

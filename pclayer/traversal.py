@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from pclayer.layers import InputLayer, LayerOutputs, ProductLayer, ScaledOutputs, SumLayer
+from pclayer.layers import LayerOutputs, ScaledOutputs
 from pclayer.representations import LOG_SUM, SCALED, ScaledValue, rescaled
 from pclayer.runtime import DISABLED, Workspace
 from pclayer.tables import Tables
@@ -87,10 +87,7 @@ def traverse(circuit, representation, x: torch.Tensor, missing: torch.Tensor | N
     outputs = LayerOutputs(circuit.output_cuts)
     outputs.add(circuit.layers[0].log_forward(log, x, missing, evidence, representation, runtime))
     for layer in circuit.layers[1:]:
-        if isinstance(layer, SumLayer):
-            outputs.add(layer.log_forward(outputs, log, representation, runtime))
-        else:
-            outputs.add(layer.log_forward(outputs, representation))
+        outputs.add(layer.log_forward(outputs, log, representation, runtime))
     return LayerValues(None, dict(enumerate(outputs)))
 
 
@@ -112,28 +109,20 @@ def _scaled(circuit, x, missing, evidence, tables: Tables, keep: bool) -> LayerV
     while i < len(layers):
         layer = layers[i]
         out: ScaledValue | torch.Tensor | None = None
-        if isinstance(layer, InputLayer):
+        if i == 0:  # the input layer
             out = layer.scaled_forward(tables, x, missing, evidence, workspace, runtime)
         elif all(values.is_scaled(s) for s in layer.source_layers):
-            if (not keep and isinstance(layer, ProductLayer) and i + 1 < len(layers)
-                    and isinstance(layers[i + 1], SumLayer) and layers[i + 1].fused_cross_products):
+            if not keep and i + 1 < len(layers) and layers[i + 1].fused_cross_products:
                 fused = layers[i + 1].scaled_fused_forward(layer, outputs, tables, workspace, i + 1)
-                if fused is not None:  # the product layer's output is never read
+                if fused is not None:  # this layer's output is never read
                     placeholder = placeholder or ScaledValue(x.new_empty(0, 0, dtype=fused.p.dtype), None, 1.0)
                     outputs.add(placeholder)
                     outputs.add(fused)
                     i += 2
                     continue
-            if isinstance(layer, SumLayer):
-                out = layer.scaled_forward(outputs, tables, workspace, i)
-            else:
-                out = layer.scaled_forward(outputs, workspace, i)
+            out = layer.scaled_forward(outputs, tables, workspace, i)
         if out is None:  # this layer alone in log space, then back to linear space per row
-            view = _LogView(values)
-            if isinstance(layer, SumLayer):
-                out = layer.log_forward(view, tables.log, LOG_SUM, runtime)
-            else:
-                out = layer.log_forward(view, LOG_SUM)
+            out = layer.log_forward(_LogView(values), tables.log, LOG_SUM, runtime)
         if isinstance(out, torch.Tensor):
             converted = rescaled(out)
             if converted is None:
