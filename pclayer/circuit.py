@@ -60,11 +60,6 @@ class TensorCircuit(nn.Module):
                                for spec in plan.layers if isinstance(spec, InputLayerSpec) for bucket in spec.buckets}
 
     @property
-    def has_gaussian(self) -> bool:
-        """Whether some variable is continuous (kept for callers of the first release)."""
-        return self.has_continuous
-
-    @property
     def dtype(self) -> torch.dtype:
         if len(self.params):
             return next(iter(self.params.values())).dtype

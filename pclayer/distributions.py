@@ -11,8 +11,9 @@ holds the parameters. Each distribution class owns its behaviour, in two familie
 * **Continuous** (``num_cats`` is None): the distribution gives log-densities, the value
   summed out, draws, modes and flow-weighted statistics for EM.
 
-Subclasses register themselves by class name, so a new distribution is one class (see
-``docs/architecture.md``). Stored banks hold G groups of parameters: ``(banks, ...)``.
+A compiled plan names each bucket's distribution by class name, found among the subclasses
+of :class:`Distribution` (see :func:`distribution_for_bucket`), so a new distribution is one
+class (see ``docs/architecture.md``). Stored banks hold G groups of parameters: ``(banks, ...)``.
 """
 
 from __future__ import annotations
@@ -22,9 +23,6 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-
-_REGISTRY: dict[str, type[Distribution]] = {}
-
 
 def _as_float_tensor(value: object, name: str) -> torch.Tensor:
     tensor = torch.as_tensor(value, dtype=torch.float64)
@@ -86,10 +84,6 @@ class Distribution:
     bank_prefix: ClassVar[str] = ""
     #: Number S of sufficient statistics per node (continuous distributions).
     num_statistics: ClassVar[int] = 0
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        _REGISTRY[cls.__name__] = cls
 
     @property
     def kind(self) -> str:
@@ -183,11 +177,17 @@ class Distribution:
 
 
 def distribution_for_bucket(name: str, num_cats: int) -> Distribution:
-    """The distribution of a compiled bucket (class ``name``, ``num_cats`` values)."""
-    cls = _REGISTRY.get(name)
-    if cls is None:
-        raise ValueError(f"distribution: unknown input distribution {name!r}; known: {sorted(_REGISTRY)}")
-    return cls.from_bank(num_cats)
+    """The distribution of a compiled bucket (class ``name``, ``num_cats`` values): a
+    subclass of :class:`Distribution` of that name, defined anywhere before the lookup."""
+    known: dict[str, type[Distribution]] = {}
+    pending = list(Distribution.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        known.setdefault(cls.__name__, cls)
+        pending.extend(cls.__subclasses__())
+    if name not in known:
+        raise ValueError(f"distribution: unknown input distribution {name!r}; known: {sorted(known)}")
+    return known[name].from_bank(num_cats)
 
 
 @dataclass(frozen=True)

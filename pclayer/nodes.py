@@ -72,7 +72,7 @@ class InputGroup(NodeGroup):
         if isinstance(var, bool) or not isinstance(var, int) or var < 0:
             raise ValueError(f"var: expected a non-negative int variable index, got {var!r}")
         if not isinstance(dist, Distribution):
-            raise TypeError(f"dist: expected a pclayer distribution (Categorical, Bernoulli, Indicator, Gaussian), got {dist!r}")
+            raise TypeError(f"dist: expected a pclayer distribution (Categorical, Bernoulli, Binomial, Indicator, Gaussian or a Distribution subclass), got {dist!r}")
         super().__init__(num_nodes, frozenset([var]), (), name)
         self.var = var
         self.dist = dist
@@ -194,7 +194,8 @@ def inputs(var: int, num_nodes: int, dist: Distribution, *, params: dict | None 
     Args:
         var: variable index (a column of the data).
         num_nodes: number of nodes in the group.
-        dist: :class:`Categorical`, :class:`Bernoulli`, :class:`Indicator` or :class:`Gaussian`.
+        dist: a :class:`~pclayer.distributions.Distribution` (``Categorical``, ``Bernoulli``, ``Binomial``,
+            ``Indicator``, ``Gaussian``, or your own subclass).
         params: explicit parameters (e.g. ``{"probs": (num_nodes, K)}``); random if omitted.
         tie: another input group of the same shape whose parameters this one shares.
         name: a label used in error messages.

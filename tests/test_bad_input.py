@@ -94,7 +94,7 @@ def test_x_nan_at_observed_entries(circuit):
 
 
 def test_gaussian_circuits_need_float_x_and_no_posterior(gaussian_circuit):
-    with pytest.raises(TypeError, match=r"x: the circuit has Gaussian variables \[0\]; expected a float tensor, got torch.int64"):
+    with pytest.raises(TypeError, match=r"x: the circuit has continuous variables \[0\]; expected a float tensor, got torch.int64"):
         gaussian_circuit.log_prob(torch.zeros(1, 2, dtype=torch.long))
     x = torch.tensor([[float("nan"), 1.0]])
     with pytest.raises(ValueError, match=r"x: NaN at observed entry \(0, 0\)"):
@@ -103,7 +103,7 @@ def test_gaussian_circuits_need_float_x_and_no_posterior(gaussian_circuit):
         gaussian_circuit.posterior(torch.zeros(1, 2))
     soft = torch.zeros(1, 2, 2)
     soft[0, 0, 1] = 1.0
-    with pytest.raises(ValueError, match="soft_evidence: expected zeros for Gaussian variables"):
+    with pytest.raises(ValueError, match="soft_evidence: expected zeros for continuous variables"):
         gaussian_circuit.log_prob(torch.zeros(1, 2), soft_evidence=soft)
 
 

@@ -111,7 +111,7 @@ def _random_dag(seed: int, gaussian: bool) -> pc.NodeGroup:
 
 
 def _data_for(circuit: pc.TensorCircuit, n: int, seed: int) -> torch.Tensor:
-    return circuit.sample(n, generator=torch.Generator().manual_seed(seed)).to(circuit.dtype if circuit.has_gaussian else torch.long)
+    return circuit.sample(n, generator=torch.Generator().manual_seed(seed)).to(circuit.dtype if circuit.has_continuous else torch.long)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

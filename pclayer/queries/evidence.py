@@ -56,8 +56,8 @@ def prepare_topk(circuit, evidence: TopKEvidence, batch: int) -> TopKEvidence:
     each variable's candidates sorted by category (so draws match the dense evidence's)."""
     num_vars, device = circuit.num_vars, circuit.device
     values, indices, free = evidence.values, evidence.indices, evidence.free
-    if circuit.has_gaussian:
-        raise ValueError("soft_evidence: TopKEvidence needs an all-discrete circuit; this one has Gaussian variables")
+    if circuit.has_continuous:
+        raise ValueError("soft_evidence: TopKEvidence needs an all-discrete circuit; this one has continuous variables")
     if not isinstance(values, torch.Tensor) or not values.is_floating_point():
         raise TypeError(f"soft_evidence.values: expected a float tensor of shape (B, {num_vars}, k), got {_describe(values)}")
     if values.ndim != 3 or values.shape[:2] != (batch, num_vars) or values.shape[2] < 1:
@@ -124,13 +124,13 @@ def prepare(circuit, x: torch.Tensor, missing: torch.Tensor | None,
         bad = observed & discrete & (x != torch.round(x))
         if bad.any():
             raise ValueError(f"x: expected integer category values for discrete variables, got {x[_first_index(bad)].item()} at {_first_index(bad)}")
-    elif circuit.has_gaussian:
-        raise TypeError(f"x: the circuit has Gaussian variables {(var_cats == 0).nonzero().flatten().tolist()[:10]}; expected a float tensor, got {x.dtype}")
+    elif circuit.has_continuous:
+        raise TypeError(f"x: the circuit has continuous variables {(var_cats == 0).nonzero().flatten().tolist()[:10]}; expected a float tensor, got {x.dtype}")
     out_of_range = observed & discrete & ((x < 0) | (x >= var_cats))
     if out_of_range.any():
         b, v = _first_index(out_of_range)
         raise ValueError(f"x: value {x[b, v].item()} at row {b}, variable {v} is out of range [0, {int(var_cats[v])})")
-    if circuit.has_gaussian:
+    if circuit.has_continuous:
         clean = torch.where(observed, x, torch.zeros_like(x)).to(circuit.dtype)
     else:
         clean = torch.where(observed, x, torch.zeros_like(x)).long()
@@ -145,8 +145,8 @@ def prepare(circuit, x: torch.Tensor, missing: torch.Tensor | None,
             raise ValueError(f"soft_evidence: expected shape (B, num_vars, num_cats) = {expected}, got {tuple(soft_evidence.shape)}")
         _check_device("soft_evidence", soft_evidence, device)
         _check_log_weights("soft_evidence", soft_evidence)
-        if circuit.has_gaussian and (soft_evidence[:, ~discrete] != 0).any():
-            raise ValueError("soft_evidence: expected zeros for Gaussian variables (soft evidence applies to discrete ones)")
+        if circuit.has_continuous and (soft_evidence[:, ~discrete] != 0).any():
+            raise ValueError("soft_evidence: expected zeros for continuous variables (soft evidence applies to discrete ones)")
         evidence = soft_evidence.to(circuit.dtype)
     if missing is not None and not missing.any():
         missing = None

@@ -26,8 +26,8 @@ def posterior(circuit, x: torch.Tensor, missing: torch.Tensor | None = None,
     Raises:
         ZeroProbabilityError: for rows whose evidence has probability zero.
     """
-    if circuit.has_gaussian:
-        raise ValueError("circuit: posterior is defined for discrete variables only; this circuit has Gaussian variables")
+    if circuit.has_continuous:
+        raise ValueError("circuit: posterior is defined for discrete variables only; this circuit has continuous variables")
     ev = prepare(circuit, x, missing, soft_evidence)
     evidence = ev.soft_evidence
     if isinstance(evidence, TopKEvidence):

@@ -22,7 +22,7 @@ class SampleResult(NamedTuple):
         node: (B, num_vars) index (within the input layer) of the input node that produced
             each variable.
         node_log_probs: (B, num_vars, num_cats) log-probabilities of that input node's
-            distribution (``-inf`` beyond the variable's categories; unused for Gaussians).
+            distribution (``-inf`` beyond the variable's categories; unused for continuous variables).
     """
 
     x: torch.Tensor
@@ -54,7 +54,7 @@ def _batch(circuit, num_samples: int | None, x: torch.Tensor | None, missing: to
             soft_evidence.shape[0] if isinstance(soft_evidence, (torch.Tensor, TopKEvidence)) else None)
         if batch is None:
             raise ValueError("num_samples: expected a positive int when x and soft_evidence are not given")
-        dtype = circuit.dtype if circuit.has_gaussian else torch.long
+        dtype = circuit.dtype if circuit.has_continuous else torch.long
         x = torch.zeros(batch, circuit.num_vars, dtype=dtype, device=circuit.device)
         missing = torch.ones_like(x, dtype=torch.bool)
         return x, missing, soft_evidence
