@@ -9,11 +9,19 @@ from pclayer.ops.masked_logsumexp import masked_logsumexp
 
 def candidate_log_weights(values: torch.Tensor, indices: torch.Tensor, log_table: torch.Tensor) -> torch.Tensor:
     """``a[b,g,n,j] = values[b,g,j] + log theta[g,n,indices[b,g,j]]``: (B, G, k) with a
-    (G|1, n, K) table -> (B, G, n, k), differentiable in ``values`` and ``log_table``."""
-    batch, groups, _ = values.shape
-    table = log_table.expand(groups, -1, -1)
-    nodes = table.shape[1]
-    picked = table[None].expand(batch, -1, -1, -1).gather(3, indices[:, :, None, :].expand(-1, -1, nodes, -1))
+    (G|1, n, K) table -> (B, G, n, k), differentiable in ``values`` and ``log_table``.
+
+    The candidates are read with one ``index_select`` over the table's (n, G*K) columns, whose
+    gradient is a single table-sized accumulation: never a (B, G, n, K) tensor."""
+    batch, groups, k = values.shape
+    table_groups, nodes, cats = log_table.shape
+    if table_groups == 1:
+        columns, flat = log_table[0], indices.reshape(-1)
+    else:
+        columns = log_table.permute(1, 0, 2).reshape(nodes, table_groups * cats)
+        offsets = torch.arange(groups, device=indices.device).view(1, groups, 1) * cats
+        flat = (indices + offsets).reshape(-1)
+    picked = columns.index_select(1, flat).view(nodes, batch, groups, k).permute(1, 2, 0, 3)
     return values[:, :, None, :] + picked
 
 
