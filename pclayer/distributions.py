@@ -144,10 +144,10 @@ class Distribution:
         """(banks, n, K) probabilities from the stored bank, into ``out`` if given."""
         return torch.exp(self.log_table(bank), out=out)
 
-    def m_step(self, bank: torch.Tensor, counts: torch.Tensor, step_size: float,
-               pseudocount: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(new stored bank, its (banks, n, K) probabilities)`` from expected counts
-        (banks, n, K) of every table entry (the damped M-step of :mod:`pclayer.learn.em`)."""
+    def m_step(self, bank: torch.Tensor, counts: torch.Tensor, step_size: float, pseudocount: float) -> torch.Tensor:
+        """The damped M-step of :mod:`pclayer.learn.em` from expected counts (banks, n, K) of
+        every table entry: writes the new stored parameters into ``bank`` in place and returns
+        their (banks, n, K) probabilities. ``counts`` must not be written."""
         raise NotImplementedError
 
     # continuous family
@@ -228,7 +228,8 @@ class Categorical(Distribution):
 
     def m_step(self, bank, counts, step_size, pseudocount):
         new = smoothed_table_update(torch.softmax(bank, dim=-1), counts, None, step_size, pseudocount)
-        return torch.log(new), new
+        torch.log(new, out=bank)
+        return new
 
 
 @dataclass(frozen=True)
@@ -372,8 +373,8 @@ class Binomial(Distribution):
         weight = total + pseudocount
         target = torch.where(weight > 0, (mean + 0.5 * pseudocount) / torch.where(weight > 0, weight, 1.0), old)
         p = torch.lerp(old, target, step_size).clamp(1e-12, 1 - 1e-12).to(bank.dtype)
-        new_bank = torch.logit(p)
-        return new_bank, torch.exp(self.log_table(new_bank))
+        bank.copy_(torch.logit(p))
+        return torch.exp(self.log_table(bank))
 
 
 @dataclass(frozen=True)

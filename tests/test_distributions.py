@@ -63,8 +63,8 @@ class Mirrored(Distribution):
         pair_counts = torch.zeros(*counts.shape[:-1], self.half, dtype=counts.dtype).index_add_(
             -1, self._pair_of(), counts)
         new = smoothed_table_update(torch.softmax(bank, dim=-1), pair_counts, None, step_size, pseudocount)
-        new_bank = torch.log(new)
-        return new_bank, torch.exp(self.log_table(new_bank))
+        bank.copy_(torch.log(new))
+        return torch.exp(self.log_table(bank))
 
 
 def _mirrored_values(group, column):

@@ -51,8 +51,7 @@ def m_step(circuit, flows: Flows, *, step_size: float = 1.0, pseudocount: float 
         param = circuit.params[key]
         bank = circuit.plan.banks[key]
         if bank.role == "input":  # the distribution maps table counts to its parameters
-            new_bank, new = circuit.bank_distribution(key).m_step(param, counts, step_size, pseudocount)
-            param.copy_(new_bank)
+            new = circuit.bank_distribution(key).m_step(param, counts, step_size, pseudocount)
         else:
             mask = circuit.fixed_tensor(bank.mask) if bank.mask else None
             logits = param if mask is None else param.masked_fill(~mask, -torch.inf)
