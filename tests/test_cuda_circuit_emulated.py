@@ -125,3 +125,19 @@ def test_sparse_sum_layer_runs_the_padded_sum_kernels():
     torch.testing.assert_close(log_p, reference, rtol=1e-12, atol=1e-12)
     for key, value in circuit.params.items():
         torch.testing.assert_close(flows[key], value.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_kernels_never_receive_tensors_that_require_grad():
+    """The emulated runner refuses a tensor that requires grad, as torch's
+    ``__cuda_array_interface__`` (behind ``cupy.asarray``) does on a GPU; the kernel glue
+    detaches every argument, so flows under autograd run on the kernels."""
+    x = torch.randn(2, 1, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="requires grad"):
+        _EMULATOR("sum_dense.cu", "pc_sum_dense_fwd_f64", (1, 1, 1), (1, 1, 1), (x,))
+    logw = torch.log_softmax(torch.randn(1, 4, 3, dtype=torch.float64), -1).requires_grad_(True)
+    with _kernels_for_cpu_tensors():
+        y = dispatch.sum_dense(x, logw, backend="cuda")
+        y.sum().backward()
+    reference = torch.logsumexp(x.detach()[:, :, None, :] + logw.detach()[None], -1)
+    torch.testing.assert_close(y.detach(), reference, rtol=1e-12, atol=1e-12)
+    assert x.grad is not None and logw.grad is not None

@@ -29,6 +29,15 @@ class KernelRunner(Protocol):
                  args: tuple) -> None: ...
 
 
+def _launch(runner: KernelRunner, source: str, kernel: str, grid: tuple[int, int, int], block: tuple[int, int, int],
+            args: tuple) -> None:
+    """Launch with every tensor argument detached: kernels read and write raw memory, and a
+    tensor that requires grad cannot be handed to cupy (torch's ``__cuda_array_interface__``
+    refuses it, whatever the grad mode; inputs and saved tensors of an autograd Function still
+    require grad inside it)."""
+    runner(source, kernel, grid, block, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+
+
 def _blocks(count: int) -> int:
     return (count + THREADS - 1) // THREADS
 
@@ -55,7 +64,7 @@ def sum_dense_forward(runner: KernelRunner, x: torch.Tensor, logw: torch.Tensor)
         return y
     if _blocks(nodes) > _MAX_GRID_Y:
         raise ValueError(f"logw: {nodes} nodes per group exceed the kernel grid ({_MAX_GRID_Y * THREADS})")
-    runner("sum_dense.cu", _name("pc_sum_dense_fwd", x.dtype), (batch * groups, _blocks(nodes), 1), (THREADS, 1, 1),
+    _launch(runner, "sum_dense.cu", _name("pc_sum_dense_fwd", x.dtype), (batch * groups, _blocks(nodes), 1), (THREADS, 1, 1),
            (x, logw, y, _int32(groups, "G"), _int32(nodes, "N"), _int32(children, "C"), np.int32(logw.shape[0] == 1)))
     return y
 
@@ -71,13 +80,13 @@ def sum_dense_backward(runner: KernelRunner, x: torch.Tensor, logw: torch.Tensor
     if need_x:
         grad_x = torch.zeros_like(x)
         if x.numel() and nodes:
-            runner("sum_dense.cu", _name("pc_sum_dense_grad_x", x.dtype), (_blocks(x.numel()), 1, 1), (THREADS, 1, 1),
+            _launch(runner, "sum_dense.cu", _name("pc_sum_dense_grad_x", x.dtype), (_blocks(x.numel()), 1, 1), (THREADS, 1, 1),
                    (x, logw, y, grad_y, grad_x, np.int64(batch * groups), _int32(groups, "G"), _int32(nodes, "N"),
                     _int32(children, "C"), np.int32(weight_groups == 1)))
     if need_logw:
         grad_logw = torch.zeros_like(logw)
         if logw.numel() and batch * groups:
-            runner("sum_dense.cu", _name("pc_sum_dense_grad_logw", x.dtype), (_blocks(logw.numel()), 1, 1),
+            _launch(runner, "sum_dense.cu", _name("pc_sum_dense_grad_logw", x.dtype), (_blocks(logw.numel()), 1, 1),
                    (THREADS, 1, 1), (x, logw, y, grad_y, grad_logw, _int32(batch, "B"), _int32(groups, "G"),
                                      _int32(weight_groups, "Gw"), _int32(nodes, "N"), _int32(children, "C")))
     return grad_x, grad_logw
@@ -89,7 +98,7 @@ def logsumexp_forward(runner: KernelRunner, a: torch.Tensor) -> torch.Tensor:
     width = a.shape[-1]
     y = torch.empty(a.shape[:-1], dtype=a.dtype, device=a.device)
     if y.numel():
-        runner("logsumexp_rows.cu", _name("pc_logsumexp_rows_fwd", a.dtype), (_blocks(y.numel()), 1, 1),
+        _launch(runner, "logsumexp_rows.cu", _name("pc_logsumexp_rows_fwd", a.dtype), (_blocks(y.numel()), 1, 1),
                (THREADS, 1, 1), (a, y, np.int64(y.numel()), _int32(width, "F")))
     return y
 
@@ -99,7 +108,7 @@ def logsumexp_backward(runner: KernelRunner, a: torch.Tensor, y: torch.Tensor, g
     a, y, grad_y = a.contiguous(), y.contiguous(), grad_y.contiguous()
     grad_a = torch.empty_like(a)
     if a.numel():
-        runner("logsumexp_rows.cu", _name("pc_logsumexp_rows_bwd", a.dtype), (_blocks(a.numel()), 1, 1),
+        _launch(runner, "logsumexp_rows.cu", _name("pc_logsumexp_rows_bwd", a.dtype), (_blocks(a.numel()), 1, 1),
                (THREADS, 1, 1), (a, y, grad_y, grad_a, np.int64(y.numel()), _int32(a.shape[-1], "F")))
     return grad_a
 
@@ -113,7 +122,7 @@ def categorical_topk_forward(runner: KernelRunner, values: torch.Tensor, indices
     table_groups, nodes, cats = log_table.shape
     y = torch.empty(batch, groups, nodes, dtype=values.dtype, device=values.device)
     if y.numel():
-        runner("categorical_topk.cu", _name("pc_categorical_topk_fwd", values.dtype), (_blocks(y.numel()), 1, 1),
+        _launch(runner, "categorical_topk.cu", _name("pc_categorical_topk_fwd", values.dtype), (_blocks(y.numel()), 1, 1),
                (THREADS, 1, 1), (values, indices, log_table, y, np.int64(batch * groups), _int32(groups, "G"),
                                  _int32(k, "k"), _int32(nodes, "n"), _int32(cats, "K"), np.int32(table_groups == 1)))
     return y
@@ -125,7 +134,7 @@ def inverse_cdf(runner: KernelRunner, logits: torch.Tensor, uniforms: torch.Tens
     rows, width = logits.shape
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows:
-        runner("inverse_cdf.cu", _name("pc_inverse_cdf", logits.dtype), (_blocks(rows), 1, 1), (THREADS, 1, 1),
+        _launch(runner, "inverse_cdf.cu", _name("pc_inverse_cdf", logits.dtype), (_blocks(rows), 1, 1), (THREADS, 1, 1),
                (logits, uniforms, out, np.int64(rows), _int32(width, "C")))
     return out
 

@@ -29,6 +29,10 @@ class EmulatorRunner:
                  args: tuple) -> None:
         if kernel not in self._defined.get(source, ()):
             raise KeyError(f"kernel {kernel!r} is not defined in {source!r}")
-        arrays = tuple(a.detach().numpy() if isinstance(a, torch.Tensor) else a for a in args)
+        for a in args:  # the rule of torch's __cuda_array_interface__, which cupy.asarray goes through
+            if isinstance(a, torch.Tensor) and a.requires_grad:
+                raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad. "
+                                   "If gradients aren't required, use var.detach() to get Variable that doesn't require grad.")
+        arrays = tuple(a.numpy() if isinstance(a, torch.Tensor) else a for a in args)
         self.emulator.get_function(kernel)(grid, block, arrays)
         self.launched.append(kernel)
