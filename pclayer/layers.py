@@ -22,7 +22,6 @@ from torch import nn
 
 from pclayer.distributions import distribution_for_bucket
 from pclayer.numerics import CONVEX_SLACK, RENORMALISE_BELOW, SAFE_FLOOR
-from pclayer.ops import dispatch
 from pclayer.ops.cross_product_sum import cross_product_chunk, cross_product_sum
 from pclayer.plan import InputLayerSpec, ProductLayerSpec, SumLayerSpec
 from pclayer.representations import LOG_SUM, SCALED, ScaledValue, add_scales, checked, rescaled
