@@ -29,13 +29,20 @@ def _log_sum_log_prob(circuit, x, missing=None, soft=None):
 
 
 @contextlib.contextmanager
-def _kernels_for_cpu_tensors():
-    """Route dispatched operations on CPU tensors to the emulated kernels (as if on a GPU)."""
+def _kernels_for_cpu_tensors(circuit=None):
+    """Route dispatched operations on CPU tensors to the emulated kernels (as if on a GPU):
+    ``circuit`` runs with ``backend="cuda"`` inside, ``"torch"`` after."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(dispatch, "_kernel_obstacle", lambda tensors, differentiable: None)
         patch.setattr(dispatch, "_runner", lambda: _EMULATOR)
         _EMULATOR.launched.clear()
-        yield _EMULATOR
+        if circuit is not None:
+            circuit.runtime.backend = "cuda"
+        try:
+            yield _EMULATOR
+        finally:
+            if circuit is not None:
+                circuit.runtime.backend = "torch"
 
 
 def _queries(circuit, x, missing, soft, seed):
@@ -59,7 +66,7 @@ def test_random_circuits_on_kernels_equal_torch_path(root, data):
     circuit = pc.compile(root, dtype=torch.float64)
     x, missing, weights = data.draw(evidence(circuit.var_cats.tolist(), batch=4))
     soft = None if weights is None else torch.tensor(weights)
-    with _kernels_for_cpu_tensors():
+    with _kernels_for_cpu_tensors(circuit):
         kernel = _queries(circuit, torch.tensor(x), torch.tensor(missing), soft, seed=3)
         assert circuit.runtime.last_backend != "torch"  # None where nothing was dispatched
     circuit.runtime.last_backend = None
@@ -80,7 +87,7 @@ def test_hmm_with_soft_evidence_runs_every_kernel():
     x = torch.tensor(rng.integers(0, 7, size=(8, 5)))
     missing = torch.tensor(rng.random((8, 5)) < 0.5)
     soft = torch.tensor(rng.normal(size=(8, 5, 7)), dtype=torch.float32)
-    with _kernels_for_cpu_tensors() as emulator:
+    with _kernels_for_cpu_tensors(circuit) as emulator:
         log_p = _log_sum_log_prob(circuit, x, missing, soft)
         log_p.sum().backward()
         post = circuit.posterior(x, missing=missing, soft_evidence=soft)
@@ -113,7 +120,7 @@ def test_sparse_sum_layer_runs_the_padded_sum_kernels():
     circuit = pc.compile(root, dtype=torch.float64)
     x = torch.tensor([[0, 1], [3, 2], [2, 2]])
     missing = torch.tensor([[False, True], [False, False], [True, True]])
-    with _kernels_for_cpu_tensors() as emulator:
+    with _kernels_for_cpu_tensors(circuit) as emulator:
         log_p = _log_sum_log_prob(circuit, x, missing)
         log_p.sum().backward()
         launched = set(emulator.launched)

@@ -165,3 +165,14 @@ def test_cupy_runner_compiles_the_source_when_the_fatbin_does_not_fit_the_gpu(mo
     assert [m["code"] for m in fake.modules] == [False, True]
     assert fake.modules[1]["options"][0] == f"-I{cupy_runner.KERNEL_DIR}"
     assert runner.sources == {"inverse_cdf.cu": "nvrtc"} and fake.calls[-1][0] == "pc_inverse_cdf_f64"
+
+
+def test_auto_takes_the_torch_route_even_where_the_kernels_could_run(monkeypatch):
+    """No kernel has been measured faster than torch's route on a GPU, so "auto" never picks
+    one (pclayer/cuda/README.md argues each operation); "cuda" still forces them."""
+    monkeypatch.setattr(dispatch, "_kernel_obstacle", lambda tensors, differentiable: None)
+    for operation in ("sum_dense", "logsumexp", "categorical_topk_evidence", "inverse_cdf"):
+        record = _Record()
+        assert dispatch.choose_backend("auto", operation, (torch.zeros(1),), record=record) == "torch"
+        assert record.last_backend == "torch"
+        assert dispatch.choose_backend("cuda", operation, (torch.zeros(1),)) == "cuda"

@@ -1,10 +1,12 @@
 """The one dispatch point between the torch path and the CUDA kernels.
 
-Every hot operation of the compiled program goes through a function here with a
-``backend`` argument: ``"auto"`` (default) runs the CUDA kernels when every tensor is a
-float32/float64 CUDA tensor and cupy is importable and working, else the torch path;
-``"torch"`` always runs the torch path; ``"cuda"`` runs the kernels or raises
-:class:`BackendUnavailableError` saying why not. cupy is imported only when CUDA tensors
+Every operation of the compiled program that has a hand-written kernel goes through a function
+here with a ``backend`` argument: ``"torch"`` always runs the torch path; ``"cuda"`` runs the
+kernels or raises :class:`BackendUnavailableError` saying why not; ``"auto"`` (default) picks,
+per operation, the route that is never slower: today the torch path for every operation, since
+no kernel has been measured faster than torch's (cuBLAS) route on a GPU and the estimates put
+the current kernels well below it (the routing table with the argument for each operation is in
+``pclayer/cuda/README.md``). ``"auto"`` therefore never depends on cupy working. cupy is imported only when CUDA tensors
 arrive (or :func:`backend_info` asks); any failure to import or use it (not installed, no
 driver: ``cudaErrorInsufficientDriver``) means the torch path. Every operation takes an
 optional ``record``, any object with a ``last_backend`` attribute (a circuit's
@@ -75,12 +77,11 @@ def choose_backend(backend: str, operation: str, tensors: tuple[torch.Tensor, ..
     run); written into ``record.last_backend`` when ``record`` is given."""
     check_backend(backend)
     chosen = "torch"
-    if backend != "torch":
+    if backend == "cuda":
         obstacle = _kernel_obstacle(tensors, differentiable)
-        if obstacle is None:
-            chosen = "cuda"
-        elif backend == "cuda":
+        if obstacle is not None:
             raise BackendUnavailableError(f"backend='cuda' cannot run {operation}: {obstacle}")
+        chosen = "cuda"
     if record is not None:
         record.last_backend = chosen
     return chosen
