@@ -56,6 +56,7 @@ class _Banks:
     def __init__(self) -> None:
         self.slot: dict[int, tuple[str, int]] = {}
         self.rows: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.positions: dict[int, torch.Tensor] = {}
 
     def add(self, owner_uid: int, key: str, make_value: Callable[[], torch.Tensor]) -> tuple[str, int]:
         """The owner's slot; ``make_value`` runs only the first time the owner is seen (tied
@@ -210,6 +211,7 @@ def _sum_layer(groups: list[SumGroup], layout: _Layout, index: int, params: _Ban
         mask = torch.zeros(group.num_nodes, width, dtype=torch.bool)
         mask[parents, rank] = True
         key, _ = params.add(owner.uid, f"sparse_{owner.uid}", lambda: logits)
+        params.positions[owner.uid] = torch.empty_like(order).index_copy_(0, order, parents * width + rank)
         fixed.add(owner.uid, f"{key}_mask", lambda: mask)
         layer["sparse"].append({"key": key, "children": children})
         layout.where[group.uid] = (index, offset)
@@ -218,8 +220,42 @@ def _sum_layer(groups: list[SumGroup], layout: _Layout, index: int, params: _Ban
     return layer
 
 
+@dataclass(frozen=True)
+class ParamSlot:
+    """Where a parameter owner's values live in the compiled circuit.
+
+    The owner's parameters, in the layout of the symbolic group, are
+    ``tables[key][bank]`` (``tables[key]`` when ``bank`` is None), flattened and read at
+    ``positions`` when that is not None (one position per sparse edge, in edge order);
+    ``tables`` are the normalised tables of :meth:`pclayer.TensorCircuit.log_tables`.
+    """
+
+    key: str
+    bank: int | None
+    positions: torch.Tensor | None
+
+
+def parameter_slots(root: NodeGroup) -> dict[int, ParamSlot]:
+    """The :class:`ParamSlot` of every parameter owner (input group with a distribution
+    table or Gaussian, sum group) of the circuit rooted at ``root``, by owner ``uid``: the
+    same slots as :func:`build_plan` assigns."""
+    _, params, fixed = _build(root)
+    slots = {}
+    for banks in (params, fixed):
+        for uid, (key, bank) in banks.slot.items():
+            if key.endswith("_mask"):
+                continue
+            sparse = uid in params.positions
+            slots[uid] = ParamSlot(key, None if sparse else bank, params.positions.get(uid))
+    return slots
+
+
 def build_plan(root: NodeGroup) -> Plan:
     """Compile the circuit rooted at ``root`` (one node) into a :class:`Plan`."""
+    return _build(root)[0]
+
+
+def _build(root: NodeGroup) -> tuple[Plan, _Banks, _Banks]:
     if not isinstance(root, NodeGroup):
         raise TypeError(f"root: expected a node group, got {type(root).__name__}")
     if root.num_nodes != 1:
@@ -245,7 +281,7 @@ def build_plan(root: NodeGroup) -> Plan:
     stacked_params = params.stacked()
     for key in [k for k in stacked_params if k.startswith("sparse_")]:
         stacked_params[key] = stacked_params[key][0]
-    return Plan(
+    plan = Plan(
         num_vars=len(var_cats),
         var_cats=var_cats,
         layers=layers,
@@ -253,3 +289,4 @@ def build_plan(root: NodeGroup) -> Plan:
         params=stacked_params,
         fixed=stacked_fixed,
     )
+    return plan, params, fixed
