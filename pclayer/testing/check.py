@@ -63,17 +63,20 @@ class CheckReport:
 
     Attributes:
         comparisons: number of comparisons (or chi-square tests) made per property.
+        timings: wall-clock seconds per property.
         skipped: properties not run, with the reason.
         seconds: wall-clock time of the whole check.
     """
 
     comparisons: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
     def summary(self) -> str:
         """One readable line per property."""
-        lines = [f"{name}: {count} comparisons passed" for name, count in self.comparisons.items()]
+        lines = [f"{name}: {count} comparisons passed in {self.timings.get(name, 0.0):.2f} s"
+                 for name, count in self.comparisons.items()]
         lines += [f"{name}: skipped ({reason})" for name, reason in self.skipped.items()]
         return "\n".join(lines + [f"total time: {self.seconds:.2f} s"])
 
@@ -130,6 +133,7 @@ class _Checker:
             grids = np.meshgrid(*[np.arange(k) for k in self.var_cats], indexing="ij")
             self.assignments = np.stack([g.ravel() for g in grids], axis=1).astype(np.int64)
             self.joint = self.log_prob(self.assignments)
+        self.evidence = self.evidence_rows(rows, soft=True)
 
     # ---------------------------------------------------------------- helpers
 
@@ -183,7 +187,7 @@ class _Checker:
                 break
             n = int(impossible.sum())
             x[impossible] = self.random_x(n)
-            missing[impossible] = self.rng.random((n, self.num_vars)) < 0.2
+            missing[impossible] = self.rng.random((n, self.num_vars)) < 0.8
             impossible = ~np.isfinite(self.log_prob(x, missing, weights))
         if impossible.any():  # sparse support: observe values the circuit itself draws
             try:
@@ -198,6 +202,29 @@ class _Checker:
             impossible = ~np.isfinite(self.log_prob(x, missing, weights))
         keep = ~impossible
         return x[keep], missing[keep], None if weights is None else weights[keep]
+
+    def batched(self, parts: list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]) -> list[np.ndarray]:
+        """log_prob of several groups of rows in one call (soft evidence 0 where a group has none)."""
+        if not parts:
+            return []
+        sizes = [len(x) for x, _, _ in parts]
+        x = np.concatenate([x for x, _, _ in parts])
+        missing = np.concatenate([np.zeros_like(x_, dtype=bool) if m is None else m for x_, m, _ in parts])
+        soft = None
+        if any(w is not None for _, _, w in parts):
+            soft = np.concatenate([np.zeros((len(x_), self.num_vars, self.num_cats)) if w is None else w
+                                   for x_, _, w in parts])
+        values = self.log_prob(x, missing, soft)
+        return np.split(values, np.cumsum(sizes)[:-1])
+
+    def clamp(self, x: np.ndarray, missing: np.ndarray, weights: np.ndarray | None, var: int):
+        """Rows of ``x`` with missing variable ``var`` observed at each of its values."""
+        k = int(self.var_cats[var])
+        rows = np.repeat(x[None], k, 0)
+        rows[:, var] = np.arange(k)
+        masks = np.repeat(missing[None], k, 0)
+        masks[:, var] = False
+        return rows, masks, None if weights is None else np.repeat(weights[None], k, 0)
 
     # ---------------------------------------------------------------- properties
 
@@ -217,8 +244,8 @@ class _Checker:
 
     def marginal_consistency(self) -> None:
         name = "marginal_consistency"
-        x, missing, weights = self.evidence_rows(self.rows, soft=False)
-        queries, owners = [], []
+        x, missing, weights = self.evidence
+        parts, owners = [], []
         for b in range(len(x)):
             observed = np.nonzero(~missing[b])[0]
             if len(observed) == 0:
@@ -230,36 +257,28 @@ class _Checker:
             values = np.stack(np.meshgrid(*[np.arange(self.var_cats[v]) for v in chosen], indexing="ij"), -1).reshape(-1, len(chosen))
             rows = np.repeat(x[b:b + 1], len(values), 0)
             rows[:, chosen] = values
-            queries.append(rows)
-            owners.append((b, chosen, len(values)))
-        if not queries:
-            return
-        summed = self.log_prob(np.concatenate(queries), np.repeat(missing[[o[0] for o in owners]], [o[2] for o in owners], 0))
-        lhs_missing = missing[[o[0] for o in owners]].copy()
-        for row, (_, chosen, _) in enumerate(owners):
-            lhs_missing[row, chosen] = True
-        lhs = self.log_prob(x[[o[0] for o in owners]], lhs_missing)
-        start = 0
-        for row, (b, chosen, n) in enumerate(owners):
-            rhs = float(_lse(summed[start:start + n]))
-            start += n
-            self.count(name)
-            if not self.close(lhs[row], rhs):
-                self.fail(name, f"log p(x_A) = {lhs[row]:.8g} but log sum over x_B of p(x_A, x_B) = {rhs:.8g} "
-                                f"for B = variables {chosen.tolist()} at {self.describe(x[b], lhs_missing[row], None)}")
+            wider = missing[b].copy()
+            wider[chosen] = True
+            parts += [(x[b:b + 1], wider[None], None), (rows, np.repeat(missing[b:b + 1], len(values), 0), None)]
+            owners.append((b, chosen, wider))
         if self.small:
-            self.exhaustive_marginals(name, x, missing, None)
-            xs, ms, ws = self.evidence_rows(self.rows, soft=True)
-            self.exhaustive_marginals(name, xs, ms, ws)
-
-    def exhaustive_marginals(self, name: str, x, missing, weights) -> None:
-        value = self.log_prob(x, missing, weights)
-        for b in range(len(x)):
-            expected = float(_lse(self.weighted_joint(x[b], missing[b], None if weights is None else weights[b])))
+            parts += [(x, missing, None), (x, missing, weights)]
+        values = self.batched(parts)
+        for index, (b, chosen, wider) in enumerate(owners):
+            lhs, rhs = float(values[2 * index][0]), float(_lse(values[2 * index + 1]))
             self.count(name)
-            if not self.close(value[b], expected):
-                self.fail(name, f"log_prob = {value[b]:.8g} but the enumerated joint gives {expected:.8g} at "
-                                f"{self.describe(x[b], missing[b], None if weights is None else weights[b])}")
+            if not self.close(lhs, rhs):
+                self.fail(name, f"log p(x_A) = {lhs:.8g} but log sum over x_B of p(x_A, x_B) = {rhs:.8g} "
+                                f"for B = variables {chosen.tolist()} at {self.describe(x[b], wider, None)}")
+        if self.small:
+            for value, soft in ((values[-2], None), (values[-1], weights)):
+                for b in range(len(x)):
+                    row_soft = None if soft is None else soft[b]
+                    expected = float(_lse(self.weighted_joint(x[b], missing[b], row_soft)))
+                    self.count(name)
+                    if not self.close(value[b], expected):
+                        self.fail(name, f"log_prob = {value[b]:.8g} but the enumerated joint gives {expected:.8g} at "
+                                        f"{self.describe(x[b], missing[b], row_soft)}")
 
     def weighted_joint(self, x: np.ndarray, missing: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
         """(A,) log p(a) + sum_i w[i, a_i] over enumerated assignments, -inf where a disagrees
@@ -272,33 +291,33 @@ class _Checker:
 
     def soft_evidence(self) -> None:
         name = "soft_evidence"
-        x, missing, weights = self.evidence_rows(self.rows, soft=True)
-        if len(x) == 0:
-            return
-        base = self.log_prob(x, missing, weights)
+        x, missing, weights = self.evidence
+        parts, checks = [(x, missing, weights)], []
         for b in range(len(x)):
-            where = self.describe(x[b], missing[b], weights[b])
-            absent = np.nonzero(missing[b])[0]
+            absent, present = np.nonzero(missing[b])[0], np.nonzero(~missing[b])[0]
             if len(absent):
                 i = int(self.rng.choice(absent))
-                k = int(self.var_cats[i])
-                rows = np.repeat(x[b:b + 1], k, 0)
-                rows[:, i] = np.arange(k)
-                clamped = np.repeat(missing[b:b + 1], k, 0)
-                clamped[:, i] = False
-                expected = float(_lse(self.log_prob(rows, clamped, np.repeat(weights[b:b + 1], k, 0))))
-                self.count(name)
-                if not self.close(base[b], expected):
-                    self.fail(name, f"log_prob = {base[b]:.8g} but the log-sum-exp over the {k} values of missing "
-                                    f"variable {i} gives {expected:.8g} at {where}")
-            present = np.nonzero(~missing[b])[0]
+                checks.append(("missing", b, i, len(parts)))
+                parts.append(self.clamp(x[b], missing[b], weights[b], i))
             if len(present):
                 i = int(self.rng.choice(present))
                 without = weights[b:b + 1].copy()
                 without[0, i] = 0.0
-                reduced = float(self.log_prob(x[b:b + 1], missing[b:b + 1], without)[0])
+                checks.append(("observed", b, i, len(parts)))
+                parts.append((x[b:b + 1], missing[b:b + 1], without))
+        values = self.batched(parts)
+        base = values[0]
+        for kind, b, i, index in checks:
+            where = self.describe(x[b], missing[b], weights[b])
+            self.count(name)
+            if kind == "missing":
+                expected = float(_lse(values[index]))
+                if not self.close(base[b], expected):
+                    self.fail(name, f"log_prob = {base[b]:.8g} but the log-sum-exp over the {self.var_cats[i]} values of "
+                                    f"missing variable {i} gives {expected:.8g} at {where}")
+            else:
+                reduced = float(values[index][0])
                 expected = reduced + weights[b, i, x[b, i]]
-                self.count(name)
                 if not self.close(base[b], expected):
                     self.fail(name, f"log_prob = {base[b]:.8g} but without the soft evidence of observed variable {i} it is "
                                     f"{reduced:.8g}, which plus w[{i}, {x[b, i]}] = {weights[b, i, x[b, i]]:.6g} gives "
@@ -306,40 +325,36 @@ class _Checker:
 
     def posterior(self) -> None:
         name = "posterior"
-        x, missing, weights = self.evidence_rows(self.rows, soft=True)
-        if len(x) == 0:
-            return
+        x, missing, weights = self.evidence
         with torch.no_grad():
             post = self.circuit.posterior(*self._tensors(x, missing, weights)).detach().cpu().double().numpy()
+        if post.shape != (len(x), self.num_vars, self.num_cats):
+            self.fail(name, f"posterior returned shape {post.shape}, expected {(len(x), self.num_vars, self.num_cats)}")
+            return
         tol = 1e-9 if self.dtype == torch.float64 else 1e-4
         cats = np.arange(self.num_cats)[None, :] < self.var_cats[:, None]  # (V, K)
-        base = self.log_prob(x, missing, weights)
+        parts, ratios = [(x, missing, weights)], []
+        for b in range(len(x)):
+            for i in self.rng.permutation(np.nonzero(missing[b])[0])[:2]:
+                ratios.append((b, int(i), len(parts)))
+                parts.append(self.clamp(x[b], missing[b], weights[b], int(i)))
+        values = self.batched(parts)
+        base = values[0]
         for b in range(len(x)):
             where = self.describe(x[b], missing[b], weights[b])
             sums = post[b].sum(-1)
             wrong = np.nonzero((np.abs(sums - 1) > tol * self.num_cats) | np.any(post[b] < -tol, -1)
                                | np.any(np.abs(np.where(cats, 0.0, post[b])) > tol, -1))[0]
-            self.count(name, self.num_vars)
+            self.count(name)
             for i in wrong[:3]:
                 self.fail(name, f"posterior row of variable {i} is {_fmt(np.round(post[b, i], 6))} (sum {sums[i]:.8g}), "
                                 f"expected non-negative values summing to 1 over its {self.var_cats[i]} categories at {where}")
             present = np.nonzero(~missing[b])[0]
-            off = np.abs(post[b, present] - np.eye(self.num_cats)[x[b, present]]).max(-1) > tol if len(present) else []
-            for i in present[np.asarray(off, dtype=bool)][:3]:
-                self.fail(name, f"posterior of observed variable {i} = {x[b, i]} is {_fmt(np.round(post[b, i], 6))}, "
-                                f"expected one-hot at {where}")
-            absent = np.nonzero(missing[b])[0]
-            for i in self.rng.permutation(absent)[:2]:
-                k = int(self.var_cats[i])
-                rows = np.repeat(x[b:b + 1], k, 0)
-                rows[:, i] = np.arange(k)
-                clamped = np.repeat(missing[b:b + 1], k, 0)
-                clamped[:, i] = False
-                ratio = np.exp(self.log_prob(rows, clamped, np.repeat(weights[b:b + 1], k, 0)) - base[b])
-                self.count(name)
-                if np.abs(ratio - post[b, i, :k]).max() > tol + 10 * self.rtol:
-                    self.fail(name, f"posterior of missing variable {i} is {_fmt(np.round(post[b, i, :k], 6))} but the "
-                                    f"ratios p(x_{i} = k, e) / p(e) are {_fmt(np.round(ratio, 6))} at {where}")
+            if len(present):
+                off = np.abs(post[b, present] - np.eye(self.num_cats)[x[b, present]]).max(-1) > tol
+                for i in present[off][:3]:
+                    self.fail(name, f"posterior of observed variable {i} = {x[b, i]} is {_fmt(np.round(post[b, i], 6))}, "
+                                    f"expected one-hot at {where}")
             if self.small:
                 joint = self.weighted_joint(x[b], missing[b], weights[b])
                 probs = np.exp(joint - _lse(joint))
@@ -351,6 +366,14 @@ class _Checker:
                     v = int(np.abs(expected - post[b]).max(-1).argmax())
                     self.fail(name, f"posterior of variable {v} is {_fmt(np.round(post[b, v], 6))} but the enumerated "
                                     f"joint gives {_fmt(np.round(expected[v], 6))} at {where}")
+        for b, i, index in ratios:
+            k = int(self.var_cats[i])
+            ratio = np.exp(values[index] - base[b])
+            self.count(name)
+            if np.abs(ratio - post[b, i, :k]).max() > tol + 10 * self.rtol:
+                self.fail(name, f"posterior of missing variable {i} is {_fmt(np.round(post[b, i, :k], 6))} but the "
+                                f"ratios p(x_{i} = k, e) / p(e) are {_fmt(np.round(ratio, 6))} at "
+                                f"{self.describe(x[b], missing[b], weights[b])}")
 
     def decode(self, x, missing, weights) -> np.ndarray:
         with torch.no_grad():
@@ -359,10 +382,11 @@ class _Checker:
 
     def mpe(self) -> None:
         name = "mpe"
-        x, missing, weights = self.evidence_rows(self.rows, soft=True)
-        if len(x) == 0:
-            return
+        x, missing, weights = self.evidence
         decoded = self.decode(x, missing, weights)
+        if decoded.shape != x.shape:
+            self.fail(name, f"mpe returned shape {decoded.shape}, expected {x.shape}")
+            return
         value = self.log_prob(decoded, np.zeros_like(missing), weights)
         for b in range(len(x)):
             where = self.describe(x[b], missing[b], weights[b])
@@ -384,9 +408,9 @@ class _Checker:
         rows, masks, owners = [], [], []
         for b in range(len(x)):
             absent = np.nonzero(missing[b])[0]
-            picks = [np.array([i]) for i in self.rng.permutation(absent)[:4]]
-            if len(absent) > 1:
-                picks.append(absent[self.rng.random(len(absent)) < 0.5] if len(absent) > 2 else absent)
+            picks = [np.array([i]) for i in self.rng.permutation(absent)[:2]]
+            if len(absent) > 2:
+                picks.append(absent[self.rng.random(len(absent)) < 0.5])
             for subset in picks:
                 if len(subset) == 0:
                     continue
@@ -400,7 +424,7 @@ class _Checker:
         rows, masks, owners = np.stack(rows), np.stack(masks), np.array(owners)
         again = self.decode(rows, masks, weights[owners])
         differ = np.any(again != rows, axis=1)
-        if differ.any():  # equal weighted log_prob means a tie between two optimal decodings
+        if differ.any():  # an equal weighted log_prob means a tie between two optimal decodings
             tied = self.close(self.log_prob(again, np.zeros_like(masks), weights[owners]), value[owners])
             differ &= ~tied
         self.count(name, len(rows))
@@ -413,11 +437,11 @@ class _Checker:
     def mpe_exact(self, x, missing, weights, decoded, value) -> None:
         """Exact MPE: no random completion and no single-variable change is more likely."""
         name = "mpe"
+        parts, owners = [], []
         for b in range(len(x)):
             absent = np.nonzero(missing[b])[0]
             if not len(absent):
                 continue
-            where = self.describe(x[b], missing[b], weights[b])
             candidates = np.repeat(decoded[b:b + 1], 16, 0)
             candidates[:, absent] = self.random_x(16)[:, absent]
             changes = []
@@ -432,24 +456,28 @@ class _Checker:
             if self.small:
                 consistent = np.all((self.assignments == x[b][None]) | missing[b][None], axis=1)
                 candidates = np.concatenate([candidates, self.assignments[consistent]])
-            scores = self.log_prob(candidates, np.zeros_like(candidates, dtype=bool), np.repeat(weights[b:b + 1], len(candidates), 0))
+            parts.append((candidates, None, np.repeat(weights[b:b + 1], len(candidates), 0)))
+            owners.append(b)
+        for (candidates, _, _), scores, b in zip(parts, self.batched(parts), owners):
             self.count(name, len(candidates))
             better = scores > value[b] + self.atol + self.rtol * abs(value[b])
             if better.any():
                 best = int(np.argmax(scores))
                 self.fail(name, f"mpe decoded {_fmt(decoded[b])} with log_prob {value[b]:.8g}, but "
-                                f"{_fmt(candidates[best])} has log_prob {scores[best]:.8g}, at {where}")
+                                f"{_fmt(candidates[best])} has log_prob {scores[best]:.8g}, at "
+                                f"{self.describe(x[b], missing[b], weights[b])}")
 
     # ---------------------------------------------------------------- sampling
 
     def bins(self, log_marginal: np.ndarray, count: int) -> list[np.ndarray]:
         """Value sets: the ``count - 1`` most probable values alone, the rest pooled."""
-        order = np.argsort(-log_marginal)
+        order = np.argsort(-log_marginal, kind="stable")
         if len(order) <= count:
             return [order[i:i + 1] for i in range(len(order))]
         return [order[i:i + 1] for i in range(count - 1)] + [np.sort(order[count - 1:])]
 
     def masked(self, weights: np.ndarray, var: int, values: np.ndarray) -> np.ndarray:
+        """``weights`` with every value of ``var`` outside ``values`` excluded (-inf)."""
         out = weights.copy()
         keep = np.zeros(self.num_cats, dtype=bool)
         keep[values] = True
@@ -459,23 +487,21 @@ class _Checker:
     def sampling(self) -> None:
         name = "sampling"
         n = self.num_samples
-        settings = [(np.zeros(self.num_vars, dtype=np.int64), np.ones(self.num_vars, dtype=bool),
-                     np.zeros((self.num_vars, self.num_cats)), "unconditional")]
-        x, missing, _ = self.evidence_rows(2 * self.rows, soft=False)
+        zeros = np.zeros((self.num_vars, self.num_cats))
+        settings = [(np.zeros(self.num_vars, dtype=np.int64), np.ones(self.num_vars, dtype=bool), zeros, "unconditional")]
+        x, missing, _ = self.evidence
         chosen = [b for b in range(len(x)) if missing[b].any() and (~missing[b]).any()]
         if chosen:
             b = chosen[0]
-            settings.append((x[b], missing[b], np.zeros((self.num_vars, self.num_cats)), "conditional"))
-            soft = self.rng.normal(size=(self.num_vars, self.num_cats)) * 1.5
-            if np.isfinite(self.log_prob(x[b:b + 1], missing[b:b + 1], soft[None]))[0]:
-                settings.append((x[b], missing[b], soft, "conditional with soft evidence"))
+            settings.append((x[b], missing[b], zeros, "conditional"))
+            settings.append((x[b], missing[b], self.rng.normal(size=zeros.shape) * 1.5, "conditional with soft evidence"))
         xs = np.concatenate([np.repeat(s[0][None], n, 0) for s in settings])
         ms = np.concatenate([np.repeat(s[1][None], n, 0) for s in settings])
         ws = np.concatenate([np.repeat(s[2][None], n, 0) for s in settings])
+        xt, mt, wt = self._tensors(xs, ms, ws)
         try:
             with torch.no_grad():
-                drawn = self.circuit.sample(x=self._tensors(xs, ms, ws)[0], missing=self._tensors(xs, ms, ws)[1],
-                                            soft_evidence=self._tensors(xs, ms, ws)[2],
+                drawn = self.circuit.sample(x=xt, missing=mt, soft_evidence=wt,
                                             generator=torch.Generator(device=self.device).manual_seed(self.seed))
         except ZeroProbabilityError as err:
             self.fail(name, f"sample raised {err} on evidence of positive probability")
@@ -484,7 +510,7 @@ class _Checker:
         if samples.shape != xs.shape:
             self.fail(name, f"sample returned shape {samples.shape}, expected {xs.shape}")
             return
-        tests = []
+        blocks, parts, plans = [], [], []
         for index, (xe, me, we, label) in enumerate(settings):
             block = samples[index * n:(index + 1) * n]
             where = f"{label} sampling at {self.describe(xe, me, we if label.endswith('evidence') else None)}"
@@ -495,12 +521,50 @@ class _Checker:
                 self.fail(name, f"sample {first} is {_fmt(block[first])}: it changed observed values, {where}")
                 continue
             check = block[:min(n, 64)]
-            possible = np.isfinite(self.log_prob(check, np.zeros_like(check, dtype=bool), np.repeat(we[None], len(check), 0)))
+            variables = self.rng.permutation(np.nonzero(me)[0])[:4]
+            plan = {"block": block, "where": where, "setting": (xe, me, we), "variables": variables,
+                    "possible": len(parts), "base": len(parts) + 1, "single": len(parts) + 2}
+            parts.append((check, None, np.repeat(we[None], len(check), 0)))
+            parts.append((xe[None], me[None], we[None]))
+            rows = [self.masked(we, v, np.array([c])) for v in variables for c in range(int(self.var_cats[v]))]
+            parts.append((np.repeat(xe[None], len(rows), 0), np.repeat(me[None], len(rows), 0),
+                          np.stack(rows) if rows else np.zeros((0, self.num_vars, self.num_cats))))
+            blocks.append(block)
+            plans.append(plan)
+        values = self.batched(parts)
+        tests, pair_parts, pair_plans = [], [], []
+        for plan in plans:
+            block, where, (xe, me, we) = plan["block"], plan["where"], plan["setting"]
+            possible = np.isfinite(values[plan["possible"]])
             self.count(name)
             if not possible.all():
-                self.fail(name, f"sample {_fmt(check[int(np.argmin(possible))])} has probability zero, {where}")
+                self.fail(name, f"sample {_fmt(block[int(np.argmin(possible))])} has probability zero, {where}")
                 continue
-            tests.extend(self.sampling_tests(block, xe, me, we, where))
+            base = float(values[plan["base"]][0])
+            single = values[plan["single"]] - base
+            start, pair_bins = 0, {}
+            for v in plan["variables"]:
+                k = int(self.var_cats[v])
+                marginal = single[start:start + k]
+                start += k
+                pair_bins[v] = self.bins(marginal, _PAIR_BINS)
+                bins = self.bins(marginal, _BINS)
+                expected = np.array([np.exp(marginal[values_]).sum() for values_ in bins])
+                observed = np.array([np.isin(block[:, v], values_).sum() for values_ in bins])
+                tests.extend(self.chi_square(observed, expected, f"variable {v}, {where}"))
+            variables = plan["variables"]
+            for u, v in [(variables[i], variables[i + 1]) for i in range(0, len(variables) - 1, 2)]:
+                cells = [(a, c) for a in pair_bins[u] for c in pair_bins[v]]
+                rows = np.stack([self.masked(self.masked(we, u, a), v, c) for a, c in cells])
+                pair_parts.append((np.repeat(xe[None], len(rows), 0), np.repeat(me[None], len(rows), 0), rows))
+                pair_plans.append((block, where, u, v, cells, base))
+            if self.small and where.startswith("unconditional"):
+                index = np.ravel_multi_index(tuple(block.T), tuple(self.var_cats))
+                observed = np.bincount(index, minlength=len(self.joint))
+                tests.extend(self.chi_square(observed, np.exp(self.joint), f"the whole joint, {where}"))
+        for (block, where, u, v, cells, base), log_pair in zip(pair_plans, self.batched(pair_parts)):
+            observed = np.array([(np.isin(block[:, u], a) & np.isin(block[:, v], c)).sum() for a, c in cells])
+            tests.extend(self.chi_square(observed, np.exp(log_pair - base), f"variables ({u}, {v}), {where}"))
         if not tests:
             return
         level = self.alpha / len(tests)
@@ -510,44 +574,6 @@ class _Checker:
             if p_value < level:
                 self.fail(name, f"chi-square p-value {p_value:.3g} < {level:.3g} (false-alarm rate {self.alpha:g} over "
                                 f"{len(tests)} tests): {description}")
-
-    def sampling_tests(self, block, xe, me, we, where) -> list[tuple[float, int, str]]:
-        """Chi-square statistics of one-variable and two-variable marginals of ``block``."""
-        free = np.nonzero(me)[0]
-        if not len(free):
-            return []
-        base = float(self.log_prob(xe[None], me[None], we[None])[0])
-        variables = self.rng.permutation(free)[:4]
-        queries, layout = [], []
-        single_bins = {}
-        for v in variables:
-            k = int(self.var_cats[v])
-            rows = [self.masked(we, v, np.array([c])) for c in range(k)]
-            queries.extend(rows)
-            layout.append(("one", v, k))
-        log_values = self.log_prob(np.repeat(xe[None], len(queries), 0), np.repeat(me[None], len(queries), 0), np.stack(queries)) - base
-        start, tests = 0, []
-        for _, v, k in layout:
-            marginal = log_values[start:start + k]
-            start += k
-            bins = self.bins(marginal, _BINS)
-            single_bins[v] = self.bins(marginal, _PAIR_BINS)
-            expected = np.array([np.exp(marginal[values]).sum() for values in bins])
-            observed = np.array([np.isin(block[:, v], values).sum() for values in bins])
-            tests.extend(self.chi_square(observed, expected, f"variable {v}, {where}"))
-        pairs = [(variables[i], variables[i + 1]) for i in range(0, len(variables) - 1, 2)]
-        for u, v in pairs:
-            cells = [(a, c) for a in single_bins[u] for c in single_bins[v]]
-            rows = [self.masked(self.masked(we, u, a), v, c) for a, c in cells]
-            log_pair = self.log_prob(np.repeat(xe[None], len(rows), 0), np.repeat(me[None], len(rows), 0), np.stack(rows)) - base
-            observed = np.array([(np.isin(block[:, u], a) & np.isin(block[:, v], c)).sum() for a, c in cells])
-            tests.extend(self.chi_square(observed, np.exp(log_pair), f"variables ({u}, {v}), {where}"))
-        if self.small and where.startswith("unconditional"):
-            probs = np.exp(self.joint)
-            index = np.ravel_multi_index(tuple(block.T), tuple(self.var_cats))
-            observed = np.bincount(index, minlength=len(probs))
-            tests.extend(self.chi_square(observed, probs, f"the whole joint, {where}"))
-        return tests
 
     def chi_square(self, observed: np.ndarray, probs: np.ndarray, description: str) -> list[tuple[float, int, str]]:
         """Pearson statistic of counts against probabilities (cells with expected counts
@@ -575,72 +601,67 @@ class _Checker:
 
     # ---------------------------------------------------------------- flows
 
+    def fd_step(self, magnitude: float) -> tuple[float, float]:
+        """Central-difference step for a function of size ``magnitude`` in the circuit's
+        dtype, and the rounding noise of the resulting derivative."""
+        scale = self.eps * max(1.0, magnitude)
+        return float(np.cbrt(scale)), 10 * scale ** (2 / 3)
+
     def flows(self) -> None:
         name = "flows"
-        x, missing, weights = self.evidence_rows(2, soft=True)
-        if len(x) == 0:
-            return
+        x, missing, weights = self.evidence
+        x, missing, weights = x[:2], missing[:2], weights[:2]
         xt, mt, _ = self._tensors(x, missing, None)
-
-        def objective(w: torch.Tensor) -> torch.Tensor:
-            return self.circuit.log_prob(xt, mt, w).sum()
-
         w = torch.as_tensor(weights, dtype=torch.float64, device=self.device).requires_grad_(True)
-        value = objective(w)
-        (grad,) = torch.autograd.grad(value, w)
-        grad = grad.double().cpu().numpy()
-        magnitude = abs(float(value.detach()))
-        step = float(np.cbrt(self.eps * max(1.0, magnitude)))
-        noise = 10 * (self.eps * max(1.0, magnitude)) ** (2 / 3)
-        entries = [tuple(i) for i in np.argwhere(np.abs(grad) > 0.05)]
-        order = self.rng.permutation(len(entries))[:4] if entries else []
-        with torch.no_grad():
-            for index in order:
-                entry = entries[index]
-                bump = torch.zeros_like(w)
-                bump[entry] = step
-                numeric = float(objective(w + bump) - objective(w - bump)) / (2 * step)
-                self.count(name)
-                if abs(numeric - grad[entry]) > noise + 0.05 * abs(numeric):
-                    b, i, k = entry
-                    self.fail(name, f"d log_prob / d soft_evidence[{b}, {i}, {k}] is {grad[entry]:.6g} by autograd but "
-                                    f"{numeric:.6g} by finite differences at {self.describe(x[b], missing[b], weights[b])}")
-        self.parameter_flows(xt, mt, torch.as_tensor(weights, device=self.device))
-
-    def parameter_flows(self, xt: torch.Tensor, mt: torch.Tensor, w: torch.Tensor) -> None:
-        name = "flows"
-        parameters = getattr(self.circuit, "named_parameters", None)
-        if parameters is None:
+        named = getattr(self.circuit, "named_parameters", None)
+        params = [] if named is None else [(key, p) for key, p in named() if p.requires_grad and p.is_floating_point()]
+        if named is None:
             self.report.skipped["flows (parameters)"] = "the circuit has no named_parameters()"
-            return
-        params = [(key, p) for key, p in parameters() if p.requires_grad and p.is_floating_point()]
-        if not params:
-            return
-        for _, p in params:
-            p.grad = None
-        value = self.circuit.log_prob(xt, mt, w).sum()
-        grads = torch.autograd.grad(value, [p for _, p in params], allow_unused=True)
-        magnitude = abs(float(value.detach()))
-        step = float(np.cbrt(self.eps * max(1.0, magnitude)))
-        noise = 10 * (self.eps * max(1.0, magnitude)) ** (2 / 3)
+        rows = self.circuit.log_prob(xt, mt, w)
+        grads = torch.autograd.grad(rows.sum(), [w] + [p for _, p in params], allow_unused=True)
+        grad, rows = grads[0].double().cpu().numpy(), rows.detach().cpu().double().numpy()
+        entries = [tuple(int(j) for j in i) for i in np.argwhere(np.abs(grad) > 0.05)]
+        picked = [entries[i] for i in self.rng.permutation(len(entries))[:4]]
+        parts, steps = [], []
+        for b, i, k in picked:
+            step, noise = self.fd_step(abs(rows[b]))
+            plus, minus = weights[b:b + 1].copy(), weights[b:b + 1].copy()
+            plus[0, i, k] += step
+            minus[0, i, k] -= step
+            parts += [(x[b:b + 1], missing[b:b + 1], plus), (x[b:b + 1], missing[b:b + 1], minus)]
+            steps.append((step, noise))
+        values = self.batched(parts)
+        for j, ((b, i, k), (step, noise)) in enumerate(zip(picked, steps)):
+            numeric = float(values[2 * j][0] - values[2 * j + 1][0]) / (2 * step)
+            self.count(name)
+            if abs(numeric - grad[b, i, k]) > noise + 0.05 * abs(numeric):
+                self.fail(name, f"d log_prob / d soft_evidence[{b}, {i}, {k}] is {grad[b, i, k]:.6g} by autograd but "
+                                f"{numeric:.6g} by finite differences at {self.describe(x[b], missing[b], weights[b])}")
+        self.parameter_flows(params, grads[1:], float(rows.sum()), (xt, mt, w.detach()))
+
+    def parameter_flows(self, params: list, grads: tuple, value: float, args: tuple) -> None:
+        """Finite differences of ``log_prob(*args).sum()`` on the two largest gradient entries
+        of up to two parameter tensors; each parameter is restored bit for bit."""
+        name = "flows"
+        step, noise = self.fd_step(abs(value))
         candidates = []
         for (key, p), g in zip(params, grads):
             if g is None:
                 continue
-            flat = g.detach().flatten().abs()
-            for index in torch.topk(flat, min(2, flat.numel())).indices.tolist():
-                if flat[index] > 0.05:
-                    candidates.append((key, p, g.detach().flatten()[index].item(), index))
+            flat = g.detach().flatten()
+            for index in torch.topk(flat.abs(), min(2, flat.numel())).indices.tolist():
+                if abs(flat[index].item()) > 0.05:
+                    candidates.append((key, p, flat[index].item(), index))
         with torch.no_grad():
-            for position in self.rng.permutation(len(candidates))[:4]:
+            for position in self.rng.permutation(len(candidates))[:2]:
                 key, p, analytic, index = candidates[position]
                 saved = p.detach().clone()
                 try:
                     p.view(-1)[index] += step
-                    plus = float(self.circuit.log_prob(xt, mt, w).sum())
+                    plus = float(self.circuit.log_prob(*args).sum())
                     p.copy_(saved)
                     p.view(-1)[index] -= step
-                    minus = float(self.circuit.log_prob(xt, mt, w).sum())
+                    minus = float(self.circuit.log_prob(*args).sum())
                 finally:
                     p.copy_(saved)
                 numeric = (plus - minus) / (2 * step)
@@ -699,10 +720,12 @@ def check_circuit(circuit: object, *, seed: int = 0, rows: int = 4, num_samples:
     checker = _Checker(circuit, seed, rows, num_samples, alpha, mpe, max_enumeration)
     for name in PROPERTIES:
         if name in chosen:
+            began = time.perf_counter()
             try:
                 getattr(checker, name)()
             except ZeroProbabilityError as err:
                 checker.fail(name, f"a query raised {type(err).__name__} on evidence of positive probability: {err}")
+            checker.report.timings[name] = time.perf_counter() - began
     checker.report.seconds = time.perf_counter() - start
     if checker.violations:
         failed = sorted({name for name, _ in checker.violations}, key=PROPERTIES.index)
