@@ -13,8 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import reference as ref
-from conftest import evidence, random_circuits
+from pclayer.testing.strategies import circuits, evidence
 from pclayer.layers import ProductLayer, SumLayer
 from pclayer.queries.evidence import prepare
 from pclayer.linear_tables import TableSource
@@ -58,9 +57,9 @@ def _assert_same(root: pc.NodeGroup, args) -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(random_circuits(), st.data())
+@given(circuits(), st.data())
 def test_fast_paths_match_generic_path_on_random_circuits(root, data):
-    x, missing, weights = data.draw(evidence(ref.variable_cats(root), batch=4))
+    x, missing, weights = data.draw(evidence(root, batch=4))
     args = (torch.as_tensor(x), torch.as_tensor(missing), None if weights is None else torch.as_tensor(weights))
     _assert_same(root, args)
 
@@ -150,11 +149,11 @@ def _assert_scaled_matches_log(circuit: pc.TensorCircuit, args, *, must_run: boo
 
 
 @settings(max_examples=60, deadline=None)
-@given(random_circuits(), st.data())
+@given(circuits(), st.data())
 def test_scaled_root_value_matches_log_space_program_on_random_circuits(root, data):
     """Values and flows (gradients w.r.t. the normalised tables) agree wherever the scaled
     path accepts; with missing values and soft evidence too."""
-    x, missing, weights = data.draw(evidence(ref.variable_cats(root), batch=4))
+    x, missing, weights = data.draw(evidence(root, batch=4))
     args = (torch.as_tensor(x), torch.as_tensor(missing), None if weights is None else torch.as_tensor(weights))
     circuit = pc.compile(root, dtype=torch.float64)
     _assert_scaled_matches_log(circuit, args, must_run=False)
@@ -257,12 +256,12 @@ def test_no_grad_workspace_matches_fresh_allocations_across_batches_and_updates(
 
 
 @settings(max_examples=60, deadline=None)
-@given(random_circuits(), st.data())
+@given(circuits(), st.data())
 def test_no_grad_shared_buffers_match_the_log_space_program_on_random_circuits(root, data):
     """Layers share workspace buffers when their outputs are never alive together: on random
     DAGs (shared sub-circuits, products of one factor that alias their child, sparse sums)
     the no-grad scaled values equal the log-space program's."""
-    x, _, _ = data.draw(evidence(ref.variable_cats(root), batch=4))
+    x, _, _ = data.draw(evidence(root, batch=4))
     x = torch.as_tensor(x)
     circuit = pc.compile(root, dtype=torch.float64)
     with torch.no_grad():

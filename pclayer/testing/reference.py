@@ -147,7 +147,8 @@ def log_prob(circuit: NodeGroup | CircuitView, x: object, missing: object | None
 
 def all_assignments(var_cats: list[int] | tuple[int, ...]) -> np.ndarray:
     """(prod(var_cats), V) every joint assignment, in C order (last variable fastest)."""
-    return np.array(list(itertools.product(*[range(k) for k in var_cats])), dtype=np.int64).reshape(-1, len(var_cats))
+    rows = list(itertools.product(*[range(k) for k in var_cats]))
+    return np.array(rows, dtype=np.int64).reshape(len(rows), len(var_cats))
 
 
 def distribution(circuit: NodeGroup | CircuitView) -> tuple[np.ndarray, np.ndarray]:

@@ -232,13 +232,14 @@ def circuits(draw, max_vars: int = 4, *, cats: tuple[int, ...] = (2, 3), gaussia
         raise ValueError(f"max_vars: expected a positive int, got {max_vars!r}")
     if not cats or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in cats):
         raise ValueError(f"cats: expected a non-empty tuple of positive ints, got {cats!r}")
-    seed = draw(st.integers(0, 2**32 - 1))
     if builders and draw(st.booleans()):
-        return _builder_circuit(draw, draw(st.sampled_from(_BUILDERS)), max_vars, cats[0], seed % 2**31)
+        name = draw(st.sampled_from(_BUILDERS))
+        return _builder_circuit(draw, name, max_vars, cats[0], draw(st.integers(0, 2**31 - 1)))
     num_vars = draw(st.integers(1, max_vars))
     choices = [*cats, 0] if gaussian else list(cats)
     var_cats = [draw(st.sampled_from(choices)) for _ in range(num_vars)]
-    return _RandomCircuit(draw, var_cats, np.random.default_rng(seed)).group(frozenset(range(num_vars)), 1, budget=2)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    return _RandomCircuit(draw, var_cats, rng).group(frozenset(range(num_vars)), 1, budget=2)
 
 
 @st.composite
