@@ -190,13 +190,13 @@ def test_parameter_gradients_match_finite_differences():
     circuit = pc.compile(root, dtype=torch.float64)
     x = torch.tensor([[0, 1, 1], [1, 1, 0]])
     missing = torch.tensor([[False, True, False], [False, False, False]])
-    for key, param in circuit.params.items():
-        def objective(value, key=key):
+    for key, param in circuit.named_parameters():
+        def objective(value, param=param):
             with torch.no_grad():
-                old = circuit.params[key].clone()
-                circuit.params[key].copy_(value)
+                old = param.clone()
+                param.copy_(value)
                 out = circuit.log_prob(x, missing).sum()
-                circuit.params[key].copy_(old)
+                param.copy_(old)
             return out
         circuit.zero_grad()
         circuit.log_prob(x, missing).sum().backward()
