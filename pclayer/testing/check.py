@@ -684,7 +684,8 @@ def check_circuit(circuit: object, *, seed: int = 0, rows: int = 4, num_samples:
             the same verdict on every run.
         rows: evidence rows per property.
         num_samples: samples per sampling setting (unconditional, conditional, conditional
-            with soft evidence).
+            with soft evidence); the sampling property costs one ``circuit.sample`` call on
+            3 x num_samples rows, the largest cost on big circuits.
         alpha: false-alarm rate of the sampling property (all its chi-square tests together).
         mpe: ``"max_product"`` (what ``TensorCircuit.mpe`` computes) or ``"exact"`` (for an
             ``mpe`` that maximises ``log_prob``, e.g. on deterministic circuits).
@@ -726,6 +727,8 @@ def check_circuit(circuit: object, *, seed: int = 0, rows: int = 4, num_samples:
             except ZeroProbabilityError as err:
                 checker.fail(name, f"a query raised {type(err).__name__} on evidence of positive probability: {err}")
             checker.report.timings[name] = time.perf_counter() - began
+            if name not in checker.report.comparisons and not any(n == name for n, _ in checker.violations):
+                checker.report.skipped[name] = "no applicable inputs (e.g. no evidence of positive probability)"
     checker.report.seconds = time.perf_counter() - start
     if checker.violations:
         failed = sorted({name for name, _ in checker.violations}, key=PROPERTIES.index)
