@@ -2,9 +2,9 @@
 
 Builds ``pc.structures.hmm(--length, --states, --cats, seed=0)`` (homogeneous, float32),
 compiles it, runs ``check_circuit`` with the given options (by default every property, the
-default ``num_samples``) ``--repeats`` times and prints the wall time of each run, the time
-of every property in the last run, the threads used and the machine load, so that runs on a
-shared machine can be told apart. The goal of issue 17 is a pass in under 10 s on 2 cores.
+default ``num_samples``) ``--repeats`` times and prints the wall and CPU time of each run, the
+time of every property in the last run, the threads used and the machine load, so that runs
+on a shared machine can be told apart. The goal of issue 17 is a pass in under 10 s on 2 cores.
 
 Run: ``OMP_NUM_THREADS=2 python benchmarks/bench_check_circuit.py``
 (``--properties normalisation,posterior`` to time a subset, ``--num-samples 100`` to scale
@@ -42,10 +42,10 @@ def main() -> None:
     print(f"HMM T={args.length} H={args.states} K={args.cats}: built and compiled in {time.perf_counter() - start:.2f} s; "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     for run in range(args.repeats):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         report = check_circuit(circuit, **options)
-        print(f"run {run + 1}: check_circuit passed in {time.perf_counter() - start:.2f} s "
-              f"(load average {os.getloadavg()[0]:.2f})")
+        print(f"run {run + 1}: check_circuit passed in {time.perf_counter() - start:.2f} s wall, "
+              f"{time.process_time() - cpu:.2f} s CPU (load average {os.getloadavg()[0]:.2f})")
     print(report.summary())
 
 
