@@ -120,8 +120,9 @@ class _Checker:
         self.device = getattr(circuit, "device", torch.device("cpu"))
         self.violations: list[tuple[str, str]] = []
         self.report = CheckReport()
-        probe = circuit.log_prob(torch.zeros(1, self.num_vars, dtype=torch.long, device=self.device),
-                                 torch.ones(1, self.num_vars, dtype=torch.bool, device=self.device))
+        with torch.no_grad():
+            probe = circuit.log_prob(torch.zeros(1, self.num_vars, dtype=torch.long, device=self.device),
+                                     torch.ones(1, self.num_vars, dtype=torch.bool, device=self.device))
         self.dtype = probe.dtype
         self.eps = torch.finfo(self.dtype).eps
         # log-values are compared with tolerance atol + rtol * |value|
