@@ -6,6 +6,23 @@ default ``num_samples``) ``--repeats`` times and prints the wall and CPU time of
 time of every property in the last run, the threads used and the machine load, so that runs
 on a shared machine can be told apart. The goal of issue 17 is a pass in under 10 s on 2 cores.
 
+Measured on the shared 2-core dev box (float32, K = 16, 2 threads, load average 4.4-7.6 from
+other jobs, so wall times are 1.5-3x the CPU time a quiet box would need), issue 17's branch
+on the pre-refactor engine:
+
+    ============================================  ==========  =========
+    properties                                     wall        CPU
+    ============================================  ==========  =========
+    all but sampling (rows=4)                      36-90 s     60 s
+    sampling, num_samples=20 (60 sample rows)      52 s        -
+    sampling, num_samples=50 (150 sample rows)     168 s       ~65 s
+    everything, num_samples=50                     133 s       -
+    ============================================  ==========  =========
+
+The goal (under 10 s) is not met: every query call on this circuit costs 0.3-5 s (the
+log-space max-product and autograd paths most), and ``circuit.sample`` costs about 0.4 s of
+CPU per row, so the sampling property alone is minutes at the default num_samples=1000.
+
 Run: ``OMP_NUM_THREADS=2 python benchmarks/bench_check_circuit.py``
 (``--properties normalisation,posterior`` to time a subset, ``--num-samples 100`` to scale
 the sampling property, whose cost is that of ``circuit.sample`` on 3 x num_samples rows).
