@@ -511,7 +511,7 @@ class _Checker:
         if samples.shape != xs.shape:
             self.fail(name, f"sample returned shape {samples.shape}, expected {xs.shape}")
             return
-        blocks, parts, plans = [], [], []
+        parts, plans = [], []
         for index, (xe, me, we, label) in enumerate(settings):
             block = samples[index * n:(index + 1) * n]
             where = f"{label} sampling at {self.describe(xe, me, we if label.endswith('evidence') else None)}"
@@ -530,7 +530,6 @@ class _Checker:
             rows = [self.masked(we, v, np.array([c])) for v in variables for c in range(int(self.var_cats[v]))]
             parts.append((np.repeat(xe[None], len(rows), 0), np.repeat(me[None], len(rows), 0),
                           np.stack(rows) if rows else np.zeros((0, self.num_vars, self.num_cats))))
-            blocks.append(block)
             plans.append(plan)
         values = self.batched(parts)
         tests, pair_parts, pair_plans = [], [], []
