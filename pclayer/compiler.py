@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -39,6 +40,7 @@ class _Banks:
         self.rows: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.records: dict[str, Bank] = {}
         self.unstacked: set[str] = set()
+        self.positions: dict[int, torch.Tensor] = {}  # sparse owners: flat (node, slot) position per edge
 
     def add(self, owner_uid: int, bank: Bank, make_value: Callable[[], torch.Tensor], stacked: bool = True) -> tuple[str, int]:
         """The owner's slot; ``make_value`` runs only the first time the owner is seen (tied
@@ -142,8 +144,9 @@ def _product_layer(groups: list[ProductGroup], layout: _Layout, index: int) -> P
     return ProductLayerSpec(segments, torch.cat(rows), any(len(g.children) < width for g in groups))
 
 
-def _sparse_tables(group: SumGroup, positions: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(children (N, F) positions padded with ``pad``, log-weights (N, F), mask (N, F)) of a
+def _sparse_tables(group: SumGroup, positions: torch.Tensor, pad: int) -> tuple[torch.Tensor, ...]:
+    """(children (N, F) positions padded with ``pad``, log-weights (N, F), mask (N, F), and
+    each edge's flat position in the (N, F) table, in the order the edges were given) of a
     sparse sum group whose child nodes sit at ``positions``."""
     fan_in = torch.bincount(group.edges[0], minlength=group.num_nodes)
     width = int(fan_in.max())
@@ -156,7 +159,8 @@ def _sparse_tables(group: SumGroup, positions: torch.Tensor, pad: int) -> tuple[
     logits[parents, rank] = torch.log(group.param_owner.params[order])
     mask = torch.zeros(group.num_nodes, width, dtype=torch.bool)
     mask[parents, rank] = True
-    return children, logits, mask
+    edge_positions = torch.empty_like(order).index_copy_(0, order, parents * width + rank)
+    return children, logits, mask, edge_positions
 
 
 def _sum_layer(groups: list[SumGroup], layout: _Layout, index: int, banks: _Banks, fixed: _Banks) -> SumLayerSpec:
@@ -182,12 +186,13 @@ def _sum_layer(groups: list[SumGroup], layout: _Layout, index: int, banks: _Bank
             offset += n
     for group in sparse:
         owner = group.param_owner
-        children, logits, mask = _sparse_tables(group, child_positions(group), pad)
+        children, logits, mask, edge_positions = _sparse_tables(group, child_positions(group), pad)
         if owner.uid in banks.slot:  # tied to a sparse group compiled before: same edges, same bank
             key = banks.slot[owner.uid][0]
         else:
             key = f"sparse_{sum(1 for b in banks.records.values() if b.role == 'sparse_sum')}"
             banks.add(owner.uid, Bank(key, "sparse_sum", mask=f"{key}_mask"), lambda: logits, stacked=False)
+            banks.positions[owner.uid] = edge_positions
             fixed.add(owner.uid, Bank(f"{key}_mask", "mask", learnable=False), lambda: mask, stacked=False)
         spec.sparse.append(SparseBucket(key, children))
         layout.where[group.uid] = (index, offset)
@@ -195,8 +200,41 @@ def _sum_layer(groups: list[SumGroup], layout: _Layout, index: int, banks: _Bank
     return spec
 
 
+@dataclass(frozen=True)
+class ParamSlot:
+    """Where a parameter owner's values live in the compiled circuit.
+
+    The owner's normalised log-parameters, in the layout of its symbolic group, are
+    ``tables[key][bank]`` (``tables[key]`` when ``bank`` is None), flattened and read at
+    ``positions`` when that is not None (one position per sparse edge, in edge order), with
+    ``tables`` the normalised tables of :meth:`pclayer.TensorCircuit.log_tables`.
+    """
+
+    key: str
+    bank: int | None
+    positions: torch.Tensor | None
+
+
+def parameter_slots(root: NodeGroup) -> dict[int, ParamSlot]:
+    """The :class:`ParamSlot` of every parameter owner (input group, sum group) of the circuit
+    rooted at ``root``, by owner ``uid``: the slots :func:`build_plan` assigns."""
+    _, banks, fixed = _build(root)
+    slots = {}
+    for table in (banks, fixed):
+        for uid, (key, row) in table.slot.items():
+            if table.records[key].role == "mask":
+                continue
+            stacked = key not in table.unstacked
+            slots[uid] = ParamSlot(key, row if stacked else None, banks.positions.get(uid))
+    return slots
+
+
 def build_plan(root: NodeGroup) -> Plan:
     """Compile the circuit rooted at ``root`` (one node) into a plain :class:`Plan`."""
+    return _build(root)[0]
+
+
+def _build(root: NodeGroup) -> tuple[Plan, _Banks, _Banks]:
     if not isinstance(root, NodeGroup):
         raise TypeError(f"root: expected a node group, got {type(root).__name__}")
     if root.num_nodes != 1:
@@ -217,7 +255,7 @@ def build_plan(root: NodeGroup) -> Plan:
         if sums:
             layers.append(_sum_layer(sums, layout, len(layers), banks, fixed))
     records = {**banks.records, **fixed.records}
-    return Plan(
+    plan = Plan(
         num_vars=len(var_cats),
         var_cats=var_cats,
         layers=layers,
@@ -226,3 +264,4 @@ def build_plan(root: NodeGroup) -> Plan:
         params=banks.tensors(learnable=True),
         fixed={**banks.tensors(learnable=False), **fixed.tensors(learnable=False)},
     )
+    return plan, banks, fixed

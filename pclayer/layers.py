@@ -516,8 +516,8 @@ class ProductLayer(_Reader):
 
     def _outer_parts(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         groups, left, right = self.outer[0].shape[0], self.outer[0].shape[1], self.outer[1].shape[1]
-        a = z.index_select(1, self.outer_left).view(-1, groups, left, 1)
-        b = z.index_select(1, self.outer_right).view(-1, groups, 1, right)
+        a = z.index_select(1, self.outer_left).view(z.shape[0], groups, left, 1)
+        b = z.index_select(1, self.outer_right).view(z.shape[0], groups, 1, right)
         return a, b
 
     fused_cross_products = False  # products are never fused into the layer before them
@@ -535,7 +535,7 @@ class ProductLayer(_Reader):
         z = self.gather(outputs)
         if self.outer is not None:  # blocks of cross products: one broadcast add, no big gathers
             a, b = self._outer_parts(z)
-            return (a + b).view(z.shape[0], -1)
+            return (a + b).reshape(z.shape[0], self.num_nodes)
         if self.padded:
             z = torch.cat([z, z.new_zeros(z.shape[0], 1)], dim=1)
         out = self.child_column(z, 0)
@@ -573,7 +573,7 @@ class ProductLayer(_Reader):
         scale = None if common is None else common * self.fan_in
         if self.outer is not None:
             a, b = self._outer_parts(z)
-            return checked((a * b).view(z.shape[0], -1), scale, low * low)
+            return checked((a * b).reshape(z.shape[0], self.num_nodes), scale, low * low)
         return checked(_multiply([self.child_column(z, f) for f in range(self.fan_in)]), scale, low ** self.fan_in)
 
     def select(self, active: torch.Tensor, outputs: list[torch.Tensor], tables: dict, chooser: Chooser) -> torch.Tensor:

@@ -9,7 +9,7 @@ import numpy as np
 import pclayer as pc
 import pytest
 import torch
-from conftest import evidence, random_circuits
+from pclayer.testing.strategies import circuits, evidence
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -61,10 +61,10 @@ def _queries(circuit, x, missing, soft, seed):
     return log_p.detach(), flows, post, samples
 
 
-@given(random_circuits(max_vars=4), st.data())
+@given(circuits(max_vars=4), st.data())
 def test_random_circuits_on_kernels_equal_torch_path(root, data):
     circuit = pc.compile(root, dtype=torch.float64)
-    x, missing, weights = data.draw(evidence(circuit.var_cats.tolist(), batch=4))
+    x, missing, weights = data.draw(evidence(circuit, batch=4))
     soft = None if weights is None else torch.tensor(weights)
     with _kernels_for_cpu_tensors(circuit):
         kernel = _queries(circuit, torch.tensor(x), torch.tensor(missing), soft, seed=3)

@@ -13,8 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import reference as ref
-from conftest import evidence, random_circuits
+from pclayer.testing.strategies import circuits as random_circuits
+from pclayer.testing.strategies import evidence
 from pclayer.plan import ProductLayerSpec, SumLayerSpec
 from pclayer.queries.evidence import prepare
 from pclayer.representations import LOG_SUM, MAX_PRODUCT, SCALED
@@ -66,7 +66,7 @@ def _assert_programs_agree(root: pc.NodeGroup, args, *, queries: bool = True) ->
 @settings(max_examples=40, deadline=None)
 @given(random_circuits(), st.data())
 def test_optimised_and_plain_programs_agree_on_every_query_of_random_circuits(root, data):
-    x, missing, weights = data.draw(evidence(ref.variable_cats(root), batch=4))
+    x, missing, weights = data.draw(evidence(root, batch=4))
     _assert_programs_agree(root, _args(x, missing, weights))
 
 
@@ -175,7 +175,7 @@ def _assert_scaled_matches_log_sum(circuit: pc.TensorCircuit, args) -> None:
 def test_scaled_representation_matches_log_sum_on_random_circuits(root, data):
     """Values and flows agree, with missing values and soft evidence too; layers the scaled
     representation cannot hold exactly (indicator zeros) fall back to log space."""
-    x, missing, weights = data.draw(evidence(ref.variable_cats(root), batch=4))
+    x, missing, weights = data.draw(evidence(root, batch=4))
     circuit = pc.compile(root, dtype=F64)
     args = _args(x, missing, weights)
     _assert_scaled_matches_log_sum(circuit, args)
@@ -304,7 +304,7 @@ def test_no_grad_shared_buffers_match_log_sum_on_random_circuits(root, data):
     """Layers share workspace buffers when their outputs are never alive together: on random
     DAGs (shared sub-circuits, products of one factor aliasing their child, sparse sums) the
     no-grad values equal log-sum's."""
-    x, _, _ = data.draw(evidence(ref.variable_cats(root), batch=4))
+    x, _, _ = data.draw(evidence(root, batch=4))
     x = torch.as_tensor(x)
     circuit = pc.compile(root, dtype=F64)
     with torch.no_grad():

@@ -9,7 +9,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import reference as ref
+from pclayer.testing import hmm as hmm_ref
+from pclayer.testing import reference
 
 pytestmark = pytest.mark.usefixtures("both_programs")  # every property, optimised and plain
 
@@ -22,10 +23,10 @@ def hmm_cases(draw, max_len: int = 7):
     cats = draw(st.integers(2, 3))
     homogeneous = draw(st.booleans())
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    init, trans, emit = ref.hmm_random_params(rng, states, cats)
+    init, trans, emit = hmm_ref.random_params(rng, states, cats)
     if not homogeneous:
-        trans = np.stack([ref.hmm_random_params(rng, states, cats)[1] for _ in range(max(length - 1, 1))])[: length - 1]
-        emit = np.stack([ref.hmm_random_params(rng, states, cats)[2] for _ in range(length)])
+        trans = np.stack([hmm_ref.random_params(rng, states, cats)[1] for _ in range(max(length - 1, 1))])[: length - 1]
+        emit = np.stack([hmm_ref.random_params(rng, states, cats)[2] for _ in range(length)])
         if length == 1:
             trans = np.zeros((0, states, states))
     x = rng.integers(0, cats, size=length)
@@ -52,12 +53,12 @@ def test_log_prob_matches_forward_algorithm(case):
     init, trans, emit, x, missing, soft, _ = case
     circuit = _circuit(case, len(x))
     observed_only = circuit.log_prob(_row(x)).item()
-    assert observed_only == pytest.approx(ref.hmm_forward(init, trans, emit, x), rel=1e-10, abs=1e-12)
+    assert observed_only == pytest.approx(hmm_ref.forward(init, trans, emit, x), rel=1e-10, abs=1e-12)
     with_missing = circuit.log_prob(_row(x), _row(missing)).item()
-    assert with_missing == pytest.approx(ref.hmm_forward(init, trans, emit, x, missing), rel=1e-10, abs=1e-12)
+    assert with_missing == pytest.approx(hmm_ref.forward(init, trans, emit, x, missing), rel=1e-10, abs=1e-12)
     if soft is not None:
         weighted = circuit.log_prob(_row(x), _row(missing), _row(soft)).item()
-        assert weighted == pytest.approx(ref.hmm_forward(init, trans, emit, x, missing, soft), rel=1e-10, abs=1e-12)
+        assert weighted == pytest.approx(hmm_ref.forward(init, trans, emit, x, missing, soft), rel=1e-10, abs=1e-12)
 
 
 @given(hmm_cases())
@@ -65,7 +66,7 @@ def test_posterior_matches_forward_algorithm(case):
     init, trans, emit, x, missing, soft, _ = case
     circuit = _circuit(case, len(x))
     post = circuit.posterior(_row(x), _row(missing), _row(soft))[0].numpy()
-    np.testing.assert_allclose(post, ref.hmm_posterior(init, trans, emit, x, missing, soft), atol=1e-10)
+    np.testing.assert_allclose(post, hmm_ref.posterior(init, trans, emit, x, missing, soft), atol=1e-10)
 
 
 @given(hmm_cases())
@@ -73,17 +74,17 @@ def test_mpe_is_the_viterbi_argmax_over_path_and_missing_values(case):
     init, trans, emit, x, missing, soft, _ = case
     circuit = _circuit(case, len(x))
     decoded = circuit.mpe(_row(x), _row(missing), _row(soft))[0].numpy()
-    best, _, viterbi_x = ref.hmm_viterbi(init, trans, emit, x, missing, soft)
+    best, _, viterbi_x = hmm_ref.viterbi(init, trans, emit, x, missing, soft)
     np.testing.assert_array_equal(decoded[~missing], x[~missing])
     # Same optimum value (ties are measure-zero with random parameters, so also the same values).
-    assert ref.hmm_joint_log_score(init, trans, emit, decoded, soft) == pytest.approx(best, rel=1e-10, abs=1e-12)
+    assert hmm_ref.joint_log_score(init, trans, emit, decoded, soft) == pytest.approx(best, rel=1e-10, abs=1e-12)
     np.testing.assert_array_equal(decoded, viterbi_x)
 
 
 @given(st.integers(1, 4), st.integers(1, 3), st.integers(2, 3), st.integers(0, 2**31 - 1))
 def test_hmm_builder_matches_symbolic_reference_on_all_assignments(length, states, cats, seed):
     root = pc.structures.hmm(length, states, cats, seed=seed)
-    assignments, probs = ref.joint_table(root)
+    assignments, probs = reference.distribution(root)
     circuit = pc.compile(root, dtype=torch.float64)
     log_p = circuit.log_prob(torch.as_tensor(assignments)).detach().numpy()
     np.testing.assert_allclose(log_p, np.log(probs), rtol=1e-10)
@@ -98,11 +99,11 @@ def test_homogeneous_hmm_ties_parameters():
 
 def test_batched_rows_match_row_by_row_forward():
     rng = np.random.default_rng(7)
-    init, trans, emit = ref.hmm_random_params(rng, 4, 3)
+    init, trans, emit = hmm_ref.random_params(rng, 4, 3)
     circuit = pc.compile(pc.structures.hmm(9, 4, 3, initial=init, transition=trans, emission=emit), dtype=torch.float64)
     x = rng.integers(0, 3, size=(16, 9))
     missing = rng.random((16, 9)) < 0.3
     soft = rng.normal(size=(16, 9, 3))
     result = circuit.log_prob(torch.as_tensor(x), torch.as_tensor(missing), torch.as_tensor(soft)).detach().numpy()
-    expected = [ref.hmm_forward(init, trans, emit, x[b], missing[b], soft[b]) for b in range(16)]
+    expected = [hmm_ref.forward(init, trans, emit, x[b], missing[b], soft[b]) for b in range(16)]
     np.testing.assert_allclose(result, expected, rtol=1e-10)

@@ -12,8 +12,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import reference as ref
-from conftest import evidence, random_circuits
+from pclayer.testing import hmm as hmm_ref
+from pclayer.testing.strategies import circuits, evidence
 from pclayer.ops import log_matmul_exp
 
 # The module (shadowed by the function of the same name in pclayer.ops) and its floor table.
@@ -23,22 +23,21 @@ from pclayer.numerics import SAFE_FLOOR as _SAFE_SUM_FLOOR
 def test_long_wide_hmm_in_fp32_does_not_underflow():
     rng = np.random.default_rng(0)
     states, cats, length = 512, 4, 1024
-    init, trans, emit = ref.hmm_random_params(rng, states, cats)
+    init, trans, emit = hmm_ref.random_params(rng, states, cats)
     root = pc.structures.hmm(length, states, cats, initial=init, transition=trans, emission=emit)
     circuit = pc.compile(root, dtype=torch.float32)
     x = rng.integers(0, cats, size=(2, length))
     with torch.no_grad():
         result = circuit.log_prob(torch.as_tensor(x)).numpy().astype(np.float64)
-    expected = np.array([ref.hmm_forward_scaled(init, trans, emit, row) for row in x])
+    expected = np.array([hmm_ref.forward_scaled(init, trans, emit, row) for row in x])
     assert np.all(expected < -1000)  # far below the fp32 floor exp(-103) in probability space
     assert np.all(np.isfinite(result))
     np.testing.assert_allclose(result, expected, rtol=1e-5)
 
 
-@given(random_circuits(), st.data())
+@given(circuits(), st.data())
 def test_fp32_agrees_with_fp64(root, data):
-    var_cats = ref.variable_cats(root)
-    x, missing, weights = data.draw(evidence(var_cats, batch=5))
+    x, missing, weights = data.draw(evidence(root, batch=5))
     circuit64 = pc.compile(root, dtype=torch.float64)
     circuit32 = pc.compile(root, dtype=torch.float32)
     args = (torch.as_tensor(x), torch.as_tensor(missing), None if weights is None else torch.as_tensor(weights))
@@ -56,7 +55,7 @@ def test_fp32_agrees_with_fp64(root, data):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_row_results_do_not_depend_on_batch_composition(dtype):
     rng = np.random.default_rng(3)
-    init, trans, emit = ref.hmm_random_params(rng, 16, 5)
+    init, trans, emit = hmm_ref.random_params(rng, 16, 5)
     circuit = pc.compile(pc.structures.hmm(40, 16, 5, initial=init, transition=trans, emission=emit), dtype=dtype)
     x = torch.as_tensor(rng.integers(0, 5, size=(33, 40)))
     missing = torch.as_tensor(rng.random((33, 40)) < 0.3)
@@ -83,7 +82,7 @@ def test_row_results_do_not_depend_on_batch_composition(dtype):
 
 def _hmm_without_category_two() -> tuple[pc.TensorCircuit, tuple]:
     rng = np.random.default_rng(5)
-    init, trans, emit = ref.hmm_random_params(rng, 3, 3)
+    init, trans, emit = hmm_ref.random_params(rng, 3, 3)
     emit[:, 2] = 0.0
     emit = emit / emit.sum(-1, keepdims=True)
     root = pc.structures.hmm(4, 3, 3, initial=init, transition=trans, emission=emit)
@@ -95,7 +94,7 @@ def test_impossible_evidence_gives_minus_infinity_and_query_errors():
     x = torch.tensor([[0, 2, 1, 0], [0, 1, 1, 0]])
     lp = circuit.log_prob(x)
     assert lp[0].item() == -np.inf
-    assert lp[1].item() == pytest.approx(ref.hmm_forward(*params, x[1].numpy()), rel=1e-12)
+    assert lp[1].item() == pytest.approx(hmm_ref.forward(*params, x[1].numpy()), rel=1e-12)
     missing = torch.tensor([[True, False, False, False], [True, False, False, False]])
     with pytest.raises(pc.ZeroProbabilityError, match=r"posterior: the evidence of rows \[0\] has probability zero"):
         circuit.posterior(x, missing)
@@ -165,20 +164,20 @@ def test_identity_hmm_with_evidence_forcing_a_low_probability_path_is_exact(dtyp
     xt, mt, st_ = torch.as_tensor(x), torch.as_tensor(missing), torch.as_tensor(soft, dtype=dtype)
     with torch.no_grad():
         result = circuit.log_prob(xt, mt, st_).numpy().astype(np.float64)
-    expected = np.array([ref.hmm_forward(*params, x[b], missing[b], soft[b]) for b in range(4)])
+    expected = np.array([hmm_ref.forward(*params, x[b], missing[b], soft[b]) for b in range(4)])
     assert np.all(expected[:3] < -700)
     rtol = 1e-6 if dtype == torch.float32 else 1e-12
     np.testing.assert_allclose(result, expected, rtol=rtol)
     post = circuit.posterior(xt, mt, st_).numpy()
-    expected_post = np.stack([ref.hmm_posterior(*params, x[b], missing[b], soft[b]) for b in range(4)])
+    expected_post = np.stack([hmm_ref.posterior(*params, x[b], missing[b], soft[b]) for b in range(4)])
     np.testing.assert_allclose(post, expected_post, atol=1e-5 if dtype == torch.float32 else 1e-10)
     circuit.log_prob(xt, mt, st_).sum().backward()
     for name, param in circuit.params.items():
         assert not torch.isnan(param.grad).any(), name
     decoded = circuit.mpe(xt, mt, st_).numpy()
     for b in range(4):
-        best, _, viterbi_x = ref.hmm_viterbi(*params, x[b], missing[b], soft[b])
-        assert ref.hmm_joint_log_score(*params, decoded[b], soft[b]) == pytest.approx(best, rel=rtol)
+        best, _, viterbi_x = hmm_ref.viterbi(*params, x[b], missing[b], soft[b])
+        assert hmm_ref.joint_log_score(*params, decoded[b], soft[b]) == pytest.approx(best, rel=rtol)
 
 
 def test_identity_hmm_needs_the_exact_row_fallback(monkeypatch):
@@ -186,7 +185,7 @@ def test_identity_hmm_needs_the_exact_row_fallback(monkeypatch):
     proof that the test above exercises the fallback."""
     circuit, params = _identity_hmm(40, torch.float32, np.array([1.0, 0.0, 0.0]))
     x = torch.ones(1, 40, dtype=torch.long)
-    expected = ref.hmm_forward(*params, x[0].numpy())
+    expected = hmm_ref.forward(*params, x[0].numpy())
     assert circuit.log_prob(x).item() == pytest.approx(expected, rel=1e-6)
     monkeypatch.setitem(_SAFE_SUM_FLOOR, torch.float32, 0.0)
     assert circuit.log_prob(x).item() == -np.inf

@@ -9,8 +9,27 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import reference as ref
-from conftest import deterministic_circuits, evidence, random_circuits
+from pclayer.inspection import describe
+from pclayer.testing import reference
+from pclayer.testing.strategies import circuits, deterministic_circuits, evidence
+
+
+def _var_cats(root) -> list[int]:
+    return list(describe(root).var_cats)
+
+
+def _best_weighted_value(root, x, missing, weights) -> np.ndarray:
+    """(B,) max over the completions of each row of p(x) * prod_i exp(w[b, i, x_i]), by
+    enumerating the joint (the exact MPE value)."""
+    assignments, probs = reference.distribution(root)
+    out = []
+    for b in range(len(x)):
+        consistent = np.all((assignments == x[b]) | missing[b], axis=1)
+        value = probs.copy()
+        if weights is not None:
+            value = value * np.exp(weights[b][np.arange(assignments.shape[1]), assignments].sum(1))
+        out.append(np.where(consistent, value, 0.0).max())
+    return np.array(out)
 
 pytestmark = pytest.mark.usefixtures("both_programs")  # every property, optimised and plain
 
@@ -20,25 +39,38 @@ def _tensors(x, missing, weights):
             None if weights is None else torch.as_tensor(weights, dtype=torch.float64))
 
 
-@given(random_circuits())
+@given(circuits())
 def test_log_prob_matches_symbolic_evaluation_and_normalises(root):
-    assignments, probs = ref.joint_table(root)
+    assignments, probs = reference.distribution(root)
     circuit = pc.compile(root, dtype=torch.float64)
+    assert circuit.log_prob(torch.zeros(0, circuit.num_vars, dtype=torch.long)).shape == (0,)
     log_p = circuit.log_prob(torch.as_tensor(assignments)).detach().numpy()
     with np.errstate(divide="ignore"):
         np.testing.assert_allclose(log_p, np.log(probs), rtol=1e-9, atol=1e-12)
     assert np.exp(log_p).sum() == pytest.approx(1.0, abs=1e-9)
-    empty = torch.zeros(0, assignments.shape[1], dtype=torch.long)
+
+
+@pytest.mark.parametrize("name", ["hmm", "rat_spn", "mixture"])
+def test_empty_batches_give_empty_results(name):
+    """Empty batches through every query (the new strategies found circuits where an empty
+    batch crashed the previous engine; the random-circuit test above checks them too)."""
+    root = {"hmm": lambda: pc.structures.hmm(3, 2, 3, seed=0),
+            "rat_spn": lambda: pc.structures.rat_spn(4, 3, 2, 2, 2, seed=0),
+            "mixture": lambda: pc.structures.mixture(pc.structures.hmm(3, 2, 3, seed=1),
+                                                     pc.structures.hmm(3, 3, 3, seed=2))}[name]()
+    circuit = pc.compile(root, dtype=torch.float64)
+    num_vars = circuit.num_vars
+    empty = torch.zeros(0, num_vars, dtype=torch.long)
     assert circuit.log_prob(empty).shape == (0,)
-    assert circuit.posterior(empty, empty.bool()).shape == (0, assignments.shape[1], circuit.num_cats)
+    assert circuit.posterior(empty, empty.bool()).shape == (0, num_vars, circuit.num_cats)
     assert circuit.mpe(empty, empty.bool()).shape == empty.shape
     assert circuit.sample(x=empty, missing=empty.bool()).shape == empty.shape
 
 
-@given(random_circuits(), st.data())
+@given(circuits(), st.data())
 def test_marginalising_a_variable_equals_summing_it_out(root, data):
-    assignments, probs = ref.joint_table(root)
-    var_cats = ref.variable_cats(root)
+    assignments, _ = reference.distribution(root)
+    var_cats = _var_cats(root)
     var = data.draw(st.integers(0, len(var_cats) - 1))
     circuit = pc.compile(root, dtype=torch.float64)
     x = torch.as_tensor(assignments)
@@ -49,33 +81,36 @@ def test_marginalising_a_variable_equals_summing_it_out(root, data):
     for value in range(var_cats[var]):
         clamped = assignments.copy()
         clamped[:, var] = value
-        summed += ref.evaluate(root, clamped)
+        summed += np.exp(reference.log_prob(root, clamped))
     with np.errstate(divide="ignore"):
         np.testing.assert_allclose(marginal, np.log(summed), rtol=1e-9, atol=1e-12)
 
 
-@given(random_circuits(), st.data())
+@given(circuits(), st.data())
 def test_missing_and_soft_evidence_match_brute_force(root, data):
-    assignments, probs = ref.joint_table(root)
-    var_cats = ref.variable_cats(root)
-    x, missing, weights = data.draw(evidence(var_cats, batch=4))
+    var_cats = _var_cats(root)
+    x, missing, weights = data.draw(evidence(root, batch=4))
     circuit = pc.compile(root, dtype=torch.float64)
     k = circuit.num_cats
     if weights is None:
         weights = np.random.default_rng(0).normal(size=(4, len(var_cats), k))
     result = circuit.log_prob(*_tensors(x, missing, weights)).detach().numpy()
-    expected = ref.brute_log_prob(assignments, probs, x, missing, weights)
-    np.testing.assert_allclose(result, expected, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(result, reference.log_prob(root, x, missing, weights), rtol=1e-9, atol=1e-12)
+    # The symbolic walk agrees with summing the enumerated joint.
+    assignments, probs = reference.distribution(root)
+    for b in range(len(x)):
+        consistent = np.all((assignments == x[b]) | missing[b], axis=1)
+        weighted = probs * np.exp(weights[b][np.arange(len(var_cats)), assignments].sum(1))
+        with np.errstate(divide="ignore"):
+            assert result[b] == pytest.approx(np.log(weighted[consistent].sum()), rel=1e-9, abs=1e-12)
 
 
-@given(random_circuits(), st.data())
+@given(circuits(), st.data())
 def test_posterior_matches_brute_force(root, data):
-    assignments, probs = ref.joint_table(root)
-    var_cats = ref.variable_cats(root)
-    x, missing, weights = data.draw(evidence(var_cats, batch=3))
+    x, missing, weights = data.draw(evidence(root, batch=3))
     circuit = pc.compile(root, dtype=torch.float64)
     xt, mt, wt = _tensors(x, missing, weights)
-    finite = np.isfinite(ref.brute_log_prob(assignments, probs, x, missing, weights))
+    finite = np.isfinite(reference.log_prob(root, x, missing, weights))
     if not finite.all():
         with pytest.raises(pc.ZeroProbabilityError, match="posterior: the evidence of rows"):
             circuit.posterior(xt, mt, wt)
@@ -85,7 +120,7 @@ def test_posterior_matches_brute_force(root, data):
         x, missing, weights = x[finite], missing[finite], None if weights is None else weights[finite]
         xt, mt, wt = xt[keep], mt[keep], None if wt is None else wt[keep]
     post = circuit.posterior(xt, mt, wt).numpy()
-    expected = ref.brute_posterior(assignments, probs, x, missing, weights, num_cats=circuit.num_cats)
+    expected = reference.posterior(root, x, missing, weights)
     np.testing.assert_allclose(post, expected, atol=1e-9)
     observed = ~missing
     rows, cols = np.nonzero(observed)
@@ -97,11 +132,9 @@ def test_posterior_matches_brute_force(root, data):
 
 @given(deterministic_circuits(), st.data())
 def test_mpe_is_the_brute_force_argmax_on_deterministic_circuits(root, data):
-    assignments, probs = ref.joint_table(root)
-    var_cats = ref.variable_cats(root)
-    x, missing, weights = data.draw(evidence(var_cats, batch=4))
+    x, missing, weights = data.draw(evidence(root, batch=4))
     circuit = pc.compile(root, dtype=torch.float64)
-    best = ref.brute_max(assignments, probs, x, missing, weights)
+    best = _best_weighted_value(root, x, missing, weights)
     possible = best > 0
     xt, mt, wt = _tensors(x, missing, weights)
     if not possible.all():
@@ -112,31 +145,33 @@ def test_mpe_is_the_brute_force_argmax_on_deterministic_circuits(root, data):
     keep = torch.as_tensor(possible)
     decoded = circuit.mpe(xt[keep], mt[keep], None if wt is None else wt[keep]).numpy()
     np.testing.assert_array_equal(decoded[~missing[possible]], x[possible][~missing[possible]])
-    value = ref.weighted_value(root, decoded, None if weights is None else weights[possible])
+    value = np.exp(reference.log_prob(root, decoded, None, None if weights is None else weights[possible]))
     np.testing.assert_allclose(value, best[possible], rtol=1e-9)
 
 
-@given(random_circuits(), st.data())
+@given(circuits(), st.data())
 def test_mpe_maximises_the_max_product_value_on_any_circuit(root, data):
     """On non-deterministic circuits MPE is max-product decoding: the decoded completion
     maximises the value of the best latent choices (brute force over completions)."""
-    assignments = ref.all_assignments(ref.variable_cats(root))
-    max_values = ref.evaluate(root, assignments, max_product=True)
-    x, missing, weights = data.draw(evidence(ref.variable_cats(root), batch=4))
-    best = ref.brute_max(assignments, max_values, x, missing, weights)
-    possible = best > 0
+    x, missing, weights = data.draw(evidence(root, batch=4))
+    best = reference.mpe(root, x, missing, weights)
+    possible = np.isfinite(best.log_value)
     if not possible.any():
         return
     circuit = pc.compile(root, dtype=torch.float64)
-    xt, mt, wt = _tensors(x[possible], missing[possible], None if weights is None else weights[possible])
+    w = None if weights is None else weights[possible]
+    xt, mt, wt = _tensors(x[possible], missing[possible], w)
     decoded = circuit.mpe(xt, mt, wt).numpy()
-    value = ref.weighted_value(root, decoded, None if weights is None else weights[possible], max_product=True)
-    np.testing.assert_allclose(value, best[possible], rtol=1e-9)
+    value = reference.log_prob(root, decoded, None, w, max_product=True)
+    np.testing.assert_allclose(value, best.log_value[possible], rtol=1e-9)
+    # The enumeration's best value is the max-product value of the whole evidence.
+    np.testing.assert_allclose(reference.log_prob(root, x[possible], missing[possible], w, max_product=True),
+                               best.log_value[possible], rtol=1e-12)
 
 
 @given(deterministic_circuits())
 def test_deterministic_circuits_are_valid_distributions(root):
-    _, probs = ref.joint_table(root)
+    _, probs = reference.distribution(root)
     assert probs.sum() == pytest.approx(1.0, abs=1e-12)
 
 
@@ -170,13 +205,13 @@ def test_parameter_gradients_match_finite_differences():
     circuit = pc.compile(root, dtype=torch.float64)
     x = torch.tensor([[0, 1, 1], [1, 1, 0]])
     missing = torch.tensor([[False, True, False], [False, False, False]])
-    for key, param in circuit.params.items():
-        def objective(value, key=key):
+    for key, param in circuit.named_parameters():
+        def objective(value, param=param):
             with torch.no_grad():
-                old = circuit.params[key].clone()
-                circuit.params[key].copy_(value)
+                old = param.clone()
+                param.copy_(value)
                 out = circuit.log_prob(x, missing).sum()
-                circuit.params[key].copy_(old)
+                param.copy_(old)
             return out
         circuit.zero_grad()
         circuit.log_prob(x, missing).sum().backward()
@@ -201,11 +236,11 @@ def test_gaussian_log_prob_marginal_and_mpe_match_the_reference():
     circuit = pc.compile(root, dtype=torch.float64)
     x = np.array([[-0.7, 0.0], [2.5, 2.0], [0.3, 1.0]])
     result = circuit.log_prob(torch.as_tensor(x)).detach().numpy()
-    np.testing.assert_allclose(result, np.log(ref.evaluate(root, x)), rtol=1e-12)
+    np.testing.assert_allclose(result, reference.log_prob(root, x), rtol=1e-12)
     # Summing out the category leaves the Gaussian mixture density.
     missing = torch.tensor([[False, True]] * 3)
-    mixture = 0.4 * ref.evaluate(pc.inputs(0, 1, pc.Gaussian(), params={"mean": [-1.0], "std": [0.5]}), x) \
-        + 0.6 * ref.evaluate(pc.inputs(0, 1, pc.Gaussian(), params={"mean": [2.0], "std": [2.0]}), x)
+    mixture = 0.4 * np.exp(reference.log_prob(pc.inputs(0, 1, pc.Gaussian(), params={"mean": [-1.0], "std": [0.5]}), x[:, :1])) \
+        + 0.6 * np.exp(reference.log_prob(pc.inputs(0, 1, pc.Gaussian(), params={"mean": [2.0], "std": [2.0]}), x[:, :1]))
     np.testing.assert_allclose(circuit.log_prob(torch.as_tensor(x), missing).detach().numpy(), np.log(mixture), rtol=1e-12)
     # Integrating the Gaussian out leaves the mixture of categoricals.
     missing = torch.tensor([[True, False]] * 3)
@@ -219,3 +254,13 @@ def test_gaussian_log_prob_marginal_and_mpe_match_the_reference():
         scores = np.array([0.4 * [0.7, 0.2, 0.1][k] / 0.5, 0.6 * [0.1, 0.3, 0.6][k] / 2.0])
         assert decoded[row, 0] == [-1.0, 2.0][int(np.argmax(scores))]
         assert decoded[row, 1] == x[row, 1]
+
+
+def test_empty_batch_through_nested_products_and_single_child_sums():
+    """Found by pclayer.testing.strategies.circuits: an empty batch crashed the scaled path."""
+    a, b = pc.inputs(0, 1, pc.Categorical(2)), pc.inputs(3, 1, pc.Categorical(3))
+    c, d = pc.inputs(1, 1, pc.Categorical(2)), pc.inputs(2, 1, pc.Categorical(3))
+    product = pc.multiply(pc.multiply(a, b), c, d)
+    root = pc.summate(pc.summate(product, num_nodes=1), num_nodes=1)
+    circuit = pc.compile(root, dtype=torch.float64)
+    assert circuit.log_prob(torch.zeros(0, 4, dtype=torch.long)).shape == (0,)

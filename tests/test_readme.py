@@ -102,3 +102,24 @@ def test_codebase_changes_are_the_lines_the_stand_ins_run():
                 exec(line, {})
             else:
                 assert line in standin_lines, f"README change {line!r} is not what the stand-ins run"
+
+
+def _testing_blocks() -> list[str]:
+    section = README.read_text().split("## Testing your circuits", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2, "README: expected two python blocks under '## Testing your circuits'"
+    return blocks
+
+
+def test_testing_section_hypothesis_example_runs_as_written():
+    code = _testing_blocks()[0]
+    assert len(code.strip().splitlines()) <= 15
+    namespace: dict = {}
+    exec(compile(code, "README-testing-hypothesis", "exec"), namespace)
+    namespace["test_my_circuit_marginals"]()  # hypothesis runs its examples
+
+
+def test_testing_section_check_circuit_example_runs_as_written(capsys):
+    exec(compile(_testing_blocks()[1], "README-testing-check", "exec"), {})
+    out = capsys.readouterr().out
+    assert "sampling:" in out and "comparisons passed" in out

@@ -10,8 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy import stats
 
-import reference as ref
-from conftest import evidence, random_circuits
+from pclayer.inspection import describe
+from pclayer.testing import reference
+from pclayer.testing.strategies import circuits, evidence
 
 pytestmark = pytest.mark.usefixtures("both_programs")  # every property, optimised and plain
 
@@ -40,6 +41,18 @@ def _hmm() -> pc.NodeGroup:
     return pc.structures.hmm(3, 3, 3, seed=4)
 
 
+def _conditional(assignments: np.ndarray, probs: np.ndarray, x: np.ndarray, missing: np.ndarray,
+                 weights: np.ndarray | None = None) -> np.ndarray:
+    """(A,) the distribution of the enumerated joint given one row of evidence: x (V,),
+    missing (V,) and soft-evidence log-weights (V, K)."""
+    consistent = np.all((assignments == x[None]) | missing[None], axis=1)
+    weighted = probs.copy()
+    if weights is not None:
+        weighted = weighted * np.exp(weights[np.arange(assignments.shape[1]), assignments].sum(1))
+    weighted = np.where(consistent, weighted, 0.0)
+    return weighted / weighted.sum()
+
+
 def _counts(samples: np.ndarray, var_cats: list[int]) -> np.ndarray:
     flat = np.ravel_multi_index(tuple(samples.T), tuple(var_cats))
     return np.bincount(flat, minlength=int(np.prod(var_cats)))
@@ -61,15 +74,15 @@ def root(request) -> pc.NodeGroup:
 
 
 def test_unconditional_samples_follow_the_distribution(root):
-    assignments, probs = ref.joint_table(root)
+    assignments, probs = reference.distribution(root)
     circuit = pc.compile(root, dtype=torch.float64)
     samples = circuit.sample(NUM_SAMPLES, generator=torch.Generator().manual_seed(1)).numpy()
-    _assert_fits(samples, probs, ref.variable_cats(root))
+    _assert_fits(samples, probs, list(describe(root).var_cats))
 
 
 def test_conditional_samples_follow_the_conditional_distribution(root):
-    assignments, probs = ref.joint_table(root)
-    var_cats = ref.variable_cats(root)
+    assignments, probs = reference.distribution(root)
+    var_cats = list(describe(root).var_cats)
     x = np.array([1] + [0] * (len(var_cats) - 1))
     missing = np.ones(len(var_cats), dtype=bool)
     missing[0] = False
@@ -77,12 +90,12 @@ def test_conditional_samples_follow_the_conditional_distribution(root):
     samples = circuit.sample(NUM_SAMPLES, x=torch.as_tensor(x)[None], missing=torch.as_tensor(missing)[None],
                              generator=torch.Generator().manual_seed(2)).numpy()
     np.testing.assert_array_equal(samples[:, ~missing], np.broadcast_to(x[~missing], (NUM_SAMPLES, (~missing).sum())))
-    _assert_fits(samples, ref.brute_conditional(assignments, probs, x, missing), var_cats)
+    _assert_fits(samples, _conditional(assignments, probs, x, missing), var_cats)
 
 
 def test_soft_evidence_samples_follow_the_weighted_distribution(root):
-    assignments, probs = ref.joint_table(root)
-    var_cats = ref.variable_cats(root)
+    assignments, probs = reference.distribution(root)
+    var_cats = list(describe(root).var_cats)
     circuit = pc.compile(root, dtype=torch.float64)
     weights = np.random.default_rng(3).normal(size=(len(var_cats), circuit.num_cats)) * 1.5
     soft = torch.as_tensor(weights)[None].expand(NUM_SAMPLES, -1, -1)
@@ -90,12 +103,12 @@ def test_soft_evidence_samples_follow_the_weighted_distribution(root):
     samples = circuit.sample(soft_evidence=soft, generator=torch.Generator().manual_seed(3)).numpy()
     assert samples.shape == (NUM_SAMPLES, len(var_cats))
     x = np.zeros(len(var_cats), dtype=np.int64)
-    _assert_fits(samples, ref.brute_conditional(assignments, probs, x, np.ones_like(x, dtype=bool), weights), var_cats)
+    _assert_fits(samples, _conditional(assignments, probs, x, np.ones_like(x, dtype=bool), weights), var_cats)
 
 
 def test_conditional_soft_evidence_samples(root):
-    assignments, probs = ref.joint_table(root)
-    var_cats = ref.variable_cats(root)
+    assignments, probs = reference.distribution(root)
+    var_cats = list(describe(root).var_cats)
     circuit = pc.compile(root, dtype=torch.float32)
     rng = np.random.default_rng(4)
     weights = rng.normal(size=(len(var_cats), circuit.num_cats))
@@ -105,7 +118,7 @@ def test_conditional_soft_evidence_samples(root):
     samples = circuit.sample(NUM_SAMPLES, x=torch.as_tensor(x)[None], missing=torch.as_tensor(missing)[None],
                              soft_evidence=torch.as_tensor(weights, dtype=torch.float32)[None],
                              generator=torch.Generator().manual_seed(5)).numpy()
-    _assert_fits(samples, ref.brute_conditional(assignments, probs, x, missing, weights), var_cats)
+    _assert_fits(samples, _conditional(assignments, probs, x, missing, weights), var_cats)
 
 
 def _input_node_map(circuit: pc.TensorCircuit) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -127,7 +140,7 @@ def test_return_nodes_gives_a_consistent_input_node_per_variable(root):
     assert isinstance(result, pc.SampleResult)
     x, node, node_logp = (t.numpy() for t in result)
     node_var, rows = _input_node_map(circuit)
-    var_cats = ref.variable_cats(root)
+    var_cats = list(describe(root).var_cats)
     assert node.shape == x.shape and node_logp.shape == (*x.shape, circuit.num_cats)
     np.testing.assert_array_equal(node_var[node], np.broadcast_to(np.arange(len(var_cats)), x.shape))
     for v, k in enumerate(var_cats):
@@ -183,7 +196,7 @@ def test_gaussian_mixture_samples_and_conditionals():
     missing = torch.tensor([[False, True]])
     conditional = circuit.sample(NUM_SAMPLES, x=x, missing=missing, generator=torch.Generator().manual_seed(9)).numpy()
     assert np.all(conditional[:, 0] == 0.4)
-    joint = ref.evaluate(root, np.array([[0.4, k] for k in range(3)]))
+    joint = np.exp(reference.log_prob(root, np.array([[0.4, k] for k in range(3)])))
     counts = np.bincount(conditional[:, 1].astype(np.int64), minlength=3)
     assert stats.chisquare(counts, joint / joint.sum() * NUM_SAMPLES).pvalue > P_MIN
     # And the Gaussian given the category is the posterior mixture.
@@ -196,14 +209,13 @@ def test_gaussian_mixture_samples_and_conditionals():
     assert stats.kstest(given, np.vectorize(cdf)).pvalue > P_MIN
 
 
-@given(random_circuits(), st.data())
+@given(circuits(), st.data())
 def test_samples_of_random_circuits_are_possible_and_keep_observed_values(root, data):
     """Every draw has positive weighted probability, keeps the observed entries, and each
     variable comes from an input node of that variable that supports the drawn value."""
-    assignments, probs = ref.joint_table(root)
-    var_cats = ref.variable_cats(root)
-    x, missing, weights = data.draw(evidence(var_cats, batch=4))
-    possible = ref.brute_log_prob(assignments, probs, x, missing, weights) > -np.inf
+    var_cats = list(describe(root).var_cats)
+    x, missing, weights = data.draw(evidence(root, batch=4))
+    possible = reference.log_prob(root, x, missing, weights) > -np.inf
     if not possible.any():
         return
     x, missing = x[possible], missing[possible]
@@ -216,7 +228,7 @@ def test_samples_of_random_circuits_are_possible_and_keep_observed_values(root, 
     samples, node, node_logp = (t.numpy() for t in result)
     rows_missing = np.repeat(missing, reps, 0)
     np.testing.assert_array_equal(samples[~rows_missing], np.repeat(x, reps, 0)[~rows_missing])
-    values = ref.weighted_value(root, samples, None if weights is None else np.repeat(weights, reps, 0))
+    values = np.exp(reference.log_prob(root, samples, None, None if weights is None else np.repeat(weights, reps, 0)))
     assert np.all(values > 0)
     node_var, _ = _input_node_map(circuit)
     np.testing.assert_array_equal(node_var[node], np.broadcast_to(np.arange(len(var_cats)), samples.shape))

@@ -9,7 +9,7 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from conftest import random_circuits
+from pclayer.testing.strategies import circuits
 
 
 @st.composite
@@ -20,7 +20,7 @@ def topk_cases(draw, hmm: bool = False):
         num_vars, cats = draw(st.integers(1, 4)), draw(st.integers(2, 6))
         root = pc.structures.hmm(num_vars, draw(st.integers(1, 3)), cats, seed=draw(st.integers(0, 1000)))
     else:
-        root = draw(random_circuits())
+        root = draw(circuits())
     circuit = pc.compile(root, dtype=torch.float64)
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     var_cats = circuit.var_cats.tolist()
