@@ -51,6 +51,7 @@ class TensorCircuit(nn.Module):
         for key, value in plan.fixed.items():
             self.register_buffer(f"fixed_{key}", value.to(dtype) if value.is_floating_point() else value)
         self.layers = nn.ModuleList([LAYER_TYPES[type(spec)](spec) for spec in plan.layers])
+        self.layer_sequence = tuple(self.layers)  # the same modules, indexed without ModuleList's overhead
         self.root = plan.root
         self.layer_widths = [plan.layer_width(i) for i in range(len(plan.layers))]
         self.output_cuts = _output_cuts(self.layers, self.layer_widths)

@@ -36,9 +36,10 @@ def top_down(circuit, values: LayerValues, tables: dict[str, torch.Tensor], x: t
     active = [torch.zeros(batch, width, dtype=torch.bool, device=x.device) for width in circuit.layer_widths]
     root_layer, root_index = circuit.root
     active[root_layer][:, root_index] = True
-    for index in range(len(circuit.layers) - 1, 0, -1):
-        layer = circuit.layers[index]
+    layers = circuit.layer_sequence
+    for index in range(len(layers) - 1, 0, -1):
+        layer = layers[index]
         active_z = layer.select(active[index], values, tables, chooser)
         layer.scatter_active(active_z, active)
-    return circuit.layers[0].emit(active[0], tables, x, missing, evidence, chooser, normals, circuit.num_cats,
+    return layers[0].emit(active[0], tables, x, missing, evidence, chooser, normals, circuit.num_cats,
                                   node_log_probs)

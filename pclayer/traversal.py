@@ -85,8 +85,9 @@ def traverse(circuit, representation, x: torch.Tensor, missing: torch.Tensor | N
     runtime = circuit.runtime
     log = tables.log
     outputs = LayerOutputs(circuit.output_cuts)
-    outputs.add(circuit.layers[0].log_forward(log, x, missing, evidence, representation, runtime))
-    for layer in circuit.layers[1:]:
+    layers = circuit.layer_sequence
+    outputs.add(layers[0].log_forward(log, x, missing, evidence, representation, runtime))
+    for layer in layers[1:]:
         outputs.add(layer.log_forward(outputs, log, representation, runtime))
     return LayerValues(None, dict(enumerate(outputs)))
 
@@ -103,16 +104,18 @@ def _scaled(circuit, x, missing, evidence, tables: Tables, keep: bool) -> LayerV
     values = LayerValues(outputs, {})
     workspace = _workspace(circuit, x, keep)
     runtime = circuit.runtime
-    layers = circuit.layers
+    layers = circuit.layer_sequence
+    count = len(layers)
+    logged = values.logged
     placeholder = None
     i = 0
-    while i < len(layers):
+    while i < count:
         layer = layers[i]
         out: ScaledValue | torch.Tensor | None = None
         if i == 0:  # the input layer
             out = layer.scaled_forward(tables, x, missing, evidence, workspace, runtime)
-        elif all(values.is_scaled(s) for s in layer.source_layers):
-            if not keep and i + 1 < len(layers) and layers[i + 1].fused_cross_products:
+        elif not logged or all(s not in logged for s in layer.source_layers):
+            if not keep and i + 1 < count and layers[i + 1].fused_cross_products:
                 fused = layers[i + 1].scaled_fused_forward(layer, outputs, tables, workspace, i + 1)
                 if fused is not None:  # this layer's output is never read
                     placeholder = placeholder or ScaledValue(x.new_empty(0, 0, dtype=fused.p.dtype), None, 1.0)
