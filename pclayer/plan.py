@@ -5,7 +5,8 @@ of :mod:`pclayer.passes` annotate it with optimisations (fields marked *pass* be
 in a plain plan); :class:`pclayer.TensorCircuit` runs it. A plan holds tensors, integers and
 strings only, so it serialises as is (:mod:`pclayer.io.native`).
 
-Layers are evaluated in order. Every non-input layer reads the outputs of earlier layers
+Every record is a dataclass; a new layer type is a new spec dataclass here (the file format
+stores any of them by class name, without its pass fields). Layers are evaluated in order. Every non-input layer reads the outputs of earlier layers
 through its ``sources``: segments ``(layer, columns)`` gathered into one vector ``z`` (B, M);
 children are positions in ``z``.
 """
@@ -13,6 +14,9 @@ children are positions in ``z``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+PASS = {"pass": True}
+"""Field metadata of optimisation fields: filled by :mod:`pclayer.passes`, never stored in files."""
 
 import torch
 
@@ -48,7 +52,7 @@ class Segment:
     layer: int
     index: torch.Tensor
     #: pass: ``(start, length)`` when ``index`` is a contiguous run (read as a view).
-    span: tuple[int, int] | None = None
+    span: tuple[int, int] | None = field(default=None, metadata=PASS)
 
 
 @dataclass
@@ -68,9 +72,9 @@ class InputBucket:
     group_bank: torch.Tensor
     group_var: torch.Tensor
     #: pass: the one bank row every group uses, or None.
-    shared_bank: int | None = None
+    shared_bank: int | None = field(default=None, metadata=PASS)
     #: pass: first variable when ``group_var`` is a contiguous run (columns read as a view).
-    var_start: int | None = None
+    var_start: int | None = field(default=None, metadata=PASS)
 
 
 @dataclass
@@ -87,13 +91,13 @@ class ProductLayerSpec:
     children: torch.Tensor
     padded: bool
     #: pass: per child column, ``(layer, start, length)`` read straight from an earlier output.
-    column_reads: list[tuple[int, int, int]] | None = None
+    column_reads: list[tuple[int, int, int]] | None = field(default=None, metadata=PASS)
     #: pass: per child column, the start of a contiguous run of ``z``, or None.
-    child_starts: list[int | None] | None = None
+    child_starts: list[int | None] | None = field(default=None, metadata=PASS)
     #: pass: blocks of cross products, ``(left (G, S1), right (G, S2))`` positions of ``z``.
-    outer: tuple[torch.Tensor, torch.Tensor] | None = None
+    outer: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, metadata=PASS)
     #: pass: per side of ``outer``, ``(start, step)`` when its groups are evenly spaced runs.
-    outer_strides: tuple[tuple[int, int] | None, tuple[int, int] | None] = (None, None)
+    outer_strides: tuple[tuple[int, int] | None, tuple[int, int] | None] = field(default=(None, None), metadata=PASS)
 
 
 @dataclass
@@ -105,11 +109,11 @@ class DenseBucket:
     children: torch.Tensor
     group_bank: torch.Tensor
     #: pass: the one bank row every group uses (weights broadcast), or None.
-    shared_bank: int | None = None
+    shared_bank: int | None = field(default=None, metadata=PASS)
     #: pass: start of ``children`` in ``z`` when they are one contiguous run (a view), or None.
-    children_start: int | None = None
+    children_start: int | None = field(default=None, metadata=PASS)
     #: pass: first bank row when ``group_bank`` is a contiguous run (a view), or None.
-    bank_start: int | None = None
+    bank_start: int | None = field(default=None, metadata=PASS)
 
 
 @dataclass
@@ -128,7 +132,7 @@ class SumLayerSpec:
     sparse: list[SparseBucket]
     #: pass: the previous layer is a cross-product layer read only by this one; the
     #: scaled representation evaluates the pair without materialising the cross products.
-    fused_cross_products: bool = False
+    fused_cross_products: bool = field(default=False, metadata=PASS)
 
 
 LayerSpec = InputLayerSpec | ProductLayerSpec | SumLayerSpec
@@ -156,8 +160,8 @@ class Plan:
     banks: dict[str, Bank] = field(default_factory=dict)
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     fixed: dict[str, torch.Tensor] = field(default_factory=dict)
-    buffer_slots: list[int] | None = None
-    optimized: bool = False
+    buffer_slots: list[int] | None = field(default=None, metadata=PASS)
+    optimized: bool = field(default=False, metadata=PASS)
 
     def layer_width(self, index: int) -> int:
         """Number of nodes (output columns) of layer ``index``."""
