@@ -31,3 +31,12 @@ def both_programs(request, monkeypatch):
 
     monkeypatch.setattr(pc, "compile", compile_with)
     return request.param
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for gloo process groups in tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -3,7 +3,6 @@ one process training on the whole data (issue 12, point 9)."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import torch.multiprocessing as mp
 
 import pclayer as pc
 from diffusion import CoDDLayer, train_codd
+from conftest import free_port
 
 WORLD, VOCAB, MASK = 2, 4, 4
 # 21 rows in batches of 5: the last batch has one row, so rank 1 has none of it.
@@ -59,14 +59,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_gloo_ranks_match_one_process_on_the_whole_data(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     for setting in SETTINGS:
         single, losses = _train(False, setting)
         ranks = [safetensors.torch.load_file(str(tmp_path / f"{setting}{r}.safetensors")) for r in range(WORLD)]

@@ -3,7 +3,6 @@ parameters as one process on the union of their shards."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import safetensors.torch
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 
 import pclayer as pc
 from pclayer.learn import FullBatchEM, MiniBatchEM, fit, shard
+from conftest import free_port
 
 WORLD = 2
 F64 = torch.float64
@@ -57,14 +57,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_gloo_ranks_match_one_process_on_the_union(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     x, missing = _data()
     # Mini-batch EM's global batch b is the union of every rank's batch b.
     shards = [shard(torch.arange(len(x)), r, WORLD) for r in range(WORLD)]

@@ -3,7 +3,6 @@ zero-probability evidence, and the exact-row fallback of ``log_matmul_exp``."""
 
 from __future__ import annotations
 
-import importlib
 
 import numpy as np
 import pclayer as pc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from conftest import free_port
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -43,21 +44,13 @@ def _blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.S)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_as_torchrun(code: str, tmp_path: Path, world: int = 2) -> None:
     """Run a snippet in ``world`` processes with the environment torchrun sets."""
     import os
     import subprocess
     import sys
 
-    port = str(_free_port())
+    port = str(free_port())
     processes = []
     for rank in range(world):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),

