@@ -1,0 +1,104 @@
+"""Printed tables and PNG plots of the oracle experiment."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+
+class MissingPlotting(RuntimeError):
+    """matplotlib is not installed but plots were asked for."""
+
+
+def require_matplotlib() -> None:
+    """Raise :class:`MissingPlotting` now (before any training) when matplotlib cannot be imported."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise MissingPlotting("plots: matplotlib is not installed; install it with `pip install -e \".[demo]\"` "
+                              "(or `pip install matplotlib`)")
+
+
+def _ci(entry: dict, digits: int = 2) -> str:
+    value, (low, high) = entry["value"], entry["ci"]
+    if value != value:
+        return "n/a"
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def oracle_gap_table(rows: list[dict]) -> str:
+    """One line per (mask ratio, student states): perplexities (a), (b), (c) and the gap closed, with intervals."""
+    header = (f"{'mask':>5} {'k/W':>4} {'states':>6} {'windows':>7}  {'(a) one-step':>20}  {'(b) sequential':>20}  "
+              f"{'(c) CoDD':>20}  {'gap closed':>20}")
+    lines = [header, "-" * len(header)]
+    for row in sorted(rows, key=lambda r: (r["mask_ratio"], r["student_states"])):
+        lines.append(f"{row['mask_ratio']:>5.1f} {row['masked_per_window']:>4d} {row['student_states']:>6d} "
+                     f"{row['windows']:>7d}  {_ci(row['one_step']):>20}  {_ci(row['sequential']):>20}  "
+                     f"{_ci(row['codd']):>20}  {_ci(row['gap_closed']):>20}")
+    return "\n".join(lines)
+
+
+def generation_table(generation: dict) -> str:
+    """Teacher perplexity of samples per number of steps, plain and with CoDD, and the teacher's own."""
+    header = f"{'steps':>5}  {'plain':>20}  {'CoDD':>20}"
+    lines = [header, "-" * len(header)]
+    for row in generation["rows"]:
+        lines.append(f"{row['steps']:>5d}  {_ci(row['plain']['perplexity']):>20}  {_ci(row['codd']['perplexity']):>20}")
+    lines.append(f"teacher samples (exact): perplexity {_ci(generation['reference']['perplexity'])}")
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_gap_closed(rows: list[dict], path: Path) -> None:
+    """Fraction of the gap closed against student states (log axis), one line per mask ratio, 95 % intervals."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for ratio in sorted({r["mask_ratio"] for r in rows}):
+        part = sorted((r for r in rows if r["mask_ratio"] == ratio), key=lambda r: r["student_states"])
+        states = [r["student_states"] for r in part]
+        values = [r["gap_closed"]["value"] for r in part]
+        errors = [[v - r["gap_closed"]["ci"][0] for v, r in zip(values, part)],
+                  [r["gap_closed"]["ci"][1] - v for v, r in zip(values, part)]]
+        ax.errorbar(states, values, yerr=errors, marker="o", capsize=3, label=f"{100 * ratio:.0f} % masked")
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("student circuit: HMM hidden states")
+    ax.set_ylabel("gap closed (a - c) / (a - b)")
+    ax.set_title("CoDD with a perfect denoiser (exact oracle)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_generation(generation: dict, path: Path) -> None:
+    """Teacher perplexity of samples against denoising steps, plain and with CoDD, and the teacher's own."""
+    plt = _pyplot()
+    rows = generation["rows"]
+    steps = [r["steps"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for key, label, color in (("plain", "factorized (exact marginals)", "tab:red"),
+                              ("codd", f"CoDD ({generation['student_states']}-state student)", "tab:blue")):
+        values = [r[key]["perplexity"]["value"] for r in rows]
+        errors = [[v - r[key]["perplexity"]["ci"][0] for v, r in zip(values, rows)],
+                  [r[key]["perplexity"]["ci"][1] - v for v, r in zip(values, rows)]]
+        ax.errorbar(steps, values, yerr=errors, marker="o", capsize=3, label=label, color=color)
+    ax.axhline(generation["reference"]["perplexity"]["value"], color="gray", linestyle="--",
+               label="teacher samples")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(steps, [str(s) for s in steps])
+    ax.set_xlabel("denoising steps per block")
+    ax.set_ylabel("teacher perplexity of the samples")
+    ax.set_title("Few-step generation, scored exactly by the teacher")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
