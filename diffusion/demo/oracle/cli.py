@@ -9,7 +9,7 @@ from pathlib import Path
 
 from diffusion.demo.corpus import CorpusError
 from diffusion.demo.oracle.experiment import OracleSettings, OracleSettingsError, run_oracle
-from diffusion.demo.oracle.plots import MissingPlotting
+from diffusion.demo.report import MissingPlotting
 
 
 def parser(defaults: OracleSettings) -> argparse.ArgumentParser:

@@ -227,7 +227,7 @@ def run_oracle(settings: OracleSettings) -> dict:
     started = time.perf_counter()
     budget = {phase: share * settings.minutes * 60 for phase, share in BUDGET.items()}
     if settings.plots:
-        plots.require_matplotlib()
+        report.require_matplotlib()
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     corpus = load_default_corpus() if settings.corpus is None else load_corpus_path(settings.corpus)
