@@ -75,7 +75,11 @@ class ExactOracle:
         if self.memo is None:
             return self._compute(x_t)
         keys = [row.numpy().tobytes() for row in x_t.cpu()]
-        todo = [i for i, key in enumerate(keys) if key not in self.memo]
+        first = {}
+        for i, key in enumerate(keys):
+            if key not in self.memo:
+                first.setdefault(key, i)
+        todo = list(first.values())
         if todo:
             fresh = self._compute(x_t[todo])
             for i, row in zip(todo, fresh):
