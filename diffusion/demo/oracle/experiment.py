@@ -274,11 +274,14 @@ def run_oracle(settings: OracleSettings) -> dict:
     print("\nExact oracle: perplexity per masked token on teacher samples (95 % bootstrap intervals over windows)")
     print(plots.oracle_gap_table(gap_rows))
 
-    # 5. Few-step generation with the largest student.
+    # 5. Few-step generation with the largest student; the batch is sized from a timed oracle and layer call.
     steps_list = settings.generation_steps()
-    samples = max(8, min(settings.generation_samples,
-                         int(budget["generation"] / (2 * sum(steps_list) * per_row * 1.5))))
     largest = max(layers)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        layers[largest](oracle(probe), probe, generator=torch.Generator().manual_seed(0))
+    per_step_row = (time.perf_counter() - t0) / probe.shape[0] + per_row  # one plain step plus one CoDD step
+    samples = max(8, min(settings.generation_samples, int(budget["generation"] / (sum(steps_list) * per_step_row * 1.3))))
     generation = run_generation(teacher, oracle, layers[largest], states=largest, samples=samples, steps_list=steps_list,
                                 resamples=settings.bootstrap, seed=settings.seed)
     print(f"\nFew-step generation of {samples} blocks of {width} tokens from scratch, scored by the teacher "
