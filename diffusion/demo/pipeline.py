@@ -193,7 +193,8 @@ def train_layer(layer: CoDDLayer, backbone: MaskedDiffusionTransformer, train_to
 
     Data are random ``prefix + window`` crops of the training text with the prefix as prompt (never masked), as
     in the gap table. ``train_codd`` runs a fixed number of steps, so it is called in rounds: a probe of two
-    steps, then rounds sized from the measured time per step until the budget is spent.
+    steps, then rounds sized from the last measured time per step, each covering at most a quarter of the budget
+    (so a slowdown of a busy machine overshoots the budget by at most about one round), until it is spent.
 
     Returns:
         The ``train_codd`` histories of the rounds.
@@ -215,7 +216,7 @@ def train_layer(layer: CoDDLayer, backbone: MaskedDiffusionTransformer, train_to
         elapsed = time.perf_counter() - t0
         spent += elapsed
         per_step = elapsed / steps
-        steps = int((seconds - spent) / per_step)
+        steps = int(min(seconds - spent, seconds / 4) / per_step)
     return histories
 
 
