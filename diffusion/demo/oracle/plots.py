@@ -43,17 +43,21 @@ def _pyplot():
     return plt
 
 
+def _with_intervals(ax, xs: list, entries: list[dict], **style) -> None:
+    """Points ``entry["value"]`` joined by a line, each with its interval ``entry["ci"]`` as a vertical bar (a
+    percentile interval of a ratio need not contain its point estimate, so no symmetric error bars)."""
+    line, = ax.plot(xs, [e["value"] for e in entries], marker="o", **style)
+    ax.vlines(xs, [e["ci"][0] for e in entries], [e["ci"][1] for e in entries], color=line.get_color(), alpha=0.7)
+
+
 def plot_gap_closed(rows: list[dict], path: Path) -> None:
     """Fraction of the gap closed against student states (log axis), one line per mask ratio, 95 % intervals."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for ratio in sorted({r["mask_ratio"] for r in rows}):
         part = sorted((r for r in rows if r["mask_ratio"] == ratio), key=lambda r: r["student_states"])
-        states = [r["student_states"] for r in part]
-        values = [r["gap_closed"]["value"] for r in part]
-        errors = [[v - r["gap_closed"]["ci"][0] for v, r in zip(values, part)],
-                  [r["gap_closed"]["ci"][1] - v for v, r in zip(values, part)]]
-        ax.errorbar(states, values, yerr=errors, marker="o", capsize=3, label=f"{100 * ratio:.0f} % masked")
+        _with_intervals(ax, [r["student_states"] for r in part], [r["gap_closed"] for r in part],
+                        label=f"{100 * ratio:.0f} % masked")
     ax.axhline(1.0, color="gray", linewidth=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("student circuit: HMM hidden states")
@@ -74,10 +78,7 @@ def plot_generation(generation: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for key, label, color in (("plain", "factorized (exact marginals)", "tab:red"),
                               ("codd", f"CoDD ({generation['student_states']}-state student)", "tab:blue")):
-        values = [r[key]["perplexity"]["value"] for r in rows]
-        errors = [[v - r[key]["perplexity"]["ci"][0] for v, r in zip(values, rows)],
-                  [r[key]["perplexity"]["ci"][1] - v for v, r in zip(values, rows)]]
-        ax.errorbar(steps, values, yerr=errors, marker="o", capsize=3, label=label, color=color)
+        _with_intervals(ax, steps, [r[key]["perplexity"] for r in rows], label=label, color=color)
     ax.axhline(generation["reference"]["perplexity"]["value"], color="gray", linestyle="--",
                label="teacher samples")
     ax.set_xscale("log", base=2)
