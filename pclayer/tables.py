@@ -63,7 +63,8 @@ class Tables:
     @property
     def log(self) -> Mapping:
         if self._log is None:
-            self._log = self.circuit.log_tables()
+            with torch.no_grad():  # cached tables are constants (the runtime's cache serves them)
+                self._log = self.circuit.log_tables()
         return self._log
 
     def linear(self, key: str, transposed: bool = False) -> tuple[torch.Tensor, float]:
