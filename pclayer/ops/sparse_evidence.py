@@ -11,8 +11,9 @@ def candidate_log_weights(values: torch.Tensor, indices: torch.Tensor, log_table
     """``a[b,g,n,j] = values[b,g,j] + log theta[g,n,indices[b,g,j]]``: (B, G, k) with a
     (G|1, n, K) table -> (B, G, n, k), differentiable in ``values`` and ``log_table``.
 
-    The candidates are read with one ``index_select`` over the table's (n, G*K) columns, whose
-    gradient is a single table-sized accumulation: never a (B, G, n, K) tensor."""
+    The candidates are read with one ``gather`` over the table's (n, G*K) columns (the index
+    broadcast over the n rows), whose gradient is a single table-sized accumulation: never a
+    (B, G, n, K) tensor."""
     batch, groups, k = values.shape
     table_groups, nodes, cats = log_table.shape
     if table_groups == 1:
@@ -21,7 +22,7 @@ def candidate_log_weights(values: torch.Tensor, indices: torch.Tensor, log_table
         columns = log_table.permute(1, 0, 2).reshape(nodes, table_groups * cats)
         offsets = torch.arange(groups, device=indices.device).view(1, groups, 1) * cats
         flat = (indices + offsets).reshape(-1)
-    picked = columns.index_select(1, flat).view(nodes, batch, groups, k).permute(1, 2, 0, 3)
+    picked = columns.gather(1, flat.expand(nodes, -1)).view(nodes, batch, groups, k).permute(1, 2, 0, 3)
     return values[:, :, None, :] + picked
 
 
