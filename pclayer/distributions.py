@@ -250,9 +250,6 @@ class Bernoulli(Distribution):
             raise ValueError(f"params['p']: expected probabilities in [0, 1], got range [{p.min().item()}, {p.max().item()}]")
         return {"p": p}
 
-    def signature(self):
-        return ("categorical", 2)
-
     def engine(self):
         return Categorical(2)
 

@@ -88,8 +88,7 @@ class InputGroup(NodeGroup):
             self.params = dist.init_params(num_nodes, generator)
 
     def param_signature(self) -> tuple:
-        extra = (self.dist.values,) if hasattr(self.dist, "values") else ()
-        return (self.dist.kind, self.num_nodes, self.dist.num_cats, *extra)
+        return (*self.dist.signature(), self.num_nodes)
 
 
 class ProductGroup(NodeGroup):

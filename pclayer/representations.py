@@ -137,9 +137,10 @@ class ScaledValue:
     def __init__(self, p: torch.Tensor, c: torch.Tensor | None, low: float):
         self.p, self.c, self.low = p, c, low
 
-    def log(self) -> torch.Tensor:
-        """(B, n) log-values."""
-        return self.p.log() if self.c is None else self.p.log() + self.c
+
+def log_values(p: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    """Log-values ``log p + c`` of scaled probabilities ``p`` (B, n) with log-scale ``c`` (B, 1) or None."""
+    return p.log() if c is None else p.log() + c
 
 
 def add_scales(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:

@@ -90,9 +90,8 @@ class Tables:
         mask = circuit.fixed_tensor(bank.mask) if bank.mask else None
         runtime = circuit.runtime
 
-        natural_shape = table_shape(circuit, key, raw)
-
-        def compute(buffer: torch.Tensor | None) -> torch.Tensor:
+        def compute(buffer: torch.Tensor | None) -> torch.Tensor:  # runs only when the entry is stale
+            natural_shape = table_shape(circuit, key, raw)
             shape = (natural_shape[0], natural_shape[2], natural_shape[1]) if transposed else natural_shape
             if buffer is None or tuple(buffer.shape) != shape or buffer.dtype != raw.dtype or buffer.device != raw.device:
                 buffer = raw.new_empty(shape)

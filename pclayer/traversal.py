@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from pclayer.layers import LayerOutputs, ScaledOutputs
-from pclayer.representations import LOG_SUM, SCALED, ScaledValue, rescaled
+from pclayer.representations import LOG_SUM, SCALED, ScaledValue, log_values, rescaled
 from pclayer.runtime import DISABLED, Workspace
 from pclayer.tables import Tables
 
@@ -32,21 +32,13 @@ class LayerValues:
         self.logged = logged
         self.converted: dict[int, torch.Tensor] = {}
 
-    def __len__(self) -> int:
-        return len(self.scaled.probs) if self.scaled is not None else len(self.logged)
-
-    def is_scaled(self, layer: int) -> bool:
-        return layer not in self.logged
-
     def __getitem__(self, layer: int) -> torch.Tensor:
         """(B, n) log-values of ``layer`` (converted from linear space once, then kept)."""
         value = self.logged.get(layer)
         if value is None:
             value = self.converted.get(layer)
         if value is None:
-            c = self.scaled.scales[layer]
-            p = self.scaled.probs[layer]
-            value = p.log() if c is None else p.log() + c
+            value = log_values(self.scaled.probs[layer], self.scaled.scales[layer])
             self.converted[layer] = value
         return value
 
@@ -55,18 +47,7 @@ class LayerValues:
         layer, index = circuit.root
         if layer in self.logged:
             return self.logged[layer][:, index]
-        p, c = self.scaled.probs[layer][:, index], self.scaled.scales[layer]
-        return p.log() if c is None else p.log() + c.squeeze(1)
-
-
-class _LogView:
-    """Log-values of the layers run so far, read lazily (for a layer computed in log space)."""
-
-    def __init__(self, values: LayerValues):
-        self.values = values
-
-    def __getitem__(self, layer: int) -> torch.Tensor:
-        return self.values[layer]
+        return log_values(self.scaled.probs[layer][:, index:index + 1], self.scaled.scales[layer]).squeeze(1)
 
 
 def traverse(circuit, representation, x: torch.Tensor, missing: torch.Tensor | None, evidence,
@@ -125,7 +106,7 @@ def _scaled(circuit, x, missing, evidence, tables: Tables, keep: bool) -> LayerV
                     continue
             out = layer.scaled_forward(outputs, tables, workspace, i)
         if out is None:  # this layer alone in log space, then back to linear space per row
-            out = layer.log_forward(_LogView(values), tables.log, LOG_SUM, runtime)
+            out = layer.log_forward(values, tables.log, LOG_SUM, runtime)
         if isinstance(out, torch.Tensor):
             converted = rescaled(out)
             if converted is None:
