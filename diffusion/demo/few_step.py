@@ -33,6 +33,14 @@ class Timed:
         return getattr(self.wrapped, name)
 
 
+def generation_steps(window: int, steps_list: tuple[int, ...] | None) -> tuple[int, ...]:
+    """Steps-per-block settings of a few-step table: ``steps_list``, or by default the powers
+    of two below ``window`` and ``window`` itself."""
+    if steps_list is not None:
+        return tuple(steps_list)
+    return tuple(2 ** i for i in range(window.bit_length()) if 2 ** i < window) + (window,)
+
+
 def backbone_calls(steps_list: tuple[int, ...], window: int) -> int:
     """Backbone calls of :func:`run_generation`: generation (plain and CoDD) plus chain-rule scoring."""
     return 2 * sum(steps_list) + (2 * len(steps_list) + 1) * window

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,17 @@ def score_batch(model: MaskedDiffusionTransformer, layer, x_0: torch.Tensor, win
     return one_step.double(), sequential.double(), codd.double()
 
 
+def timed_batches(windows: torch.Tensor, batch_size: int, seconds: float, desc: str) -> Iterator[torch.Tensor]:
+    """Consecutive batches of ``windows`` (N, ...) of ``batch_size`` rows, with a progress bar
+    titled ``desc``, until ``seconds`` have passed (always at least one batch)."""
+    started = time.perf_counter()
+    batches = math.ceil(windows.shape[0] / batch_size)
+    for index in tqdm(range(batches), desc=desc, unit="batch", leave=False):
+        if index > 0 and time.perf_counter() - started >= seconds:
+            return
+        yield windows[index * batch_size:(index + 1) * batch_size]
+
+
 def run_gap(model: MaskedDiffusionTransformer, layer, windows: torch.Tensor, *, window: int,
             ratios: tuple[float, ...], batch_size: int, seconds: float, seed: int) -> list[GapScores]:
     """Score batches of ``windows`` (N, P + W) at every ratio until ``seconds`` have passed (at least one batch).
@@ -79,12 +91,7 @@ def run_gap(model: MaskedDiffusionTransformer, layer, windows: torch.Tensor, *, 
     """
     generator = torch.Generator().manual_seed(seed)
     parts: dict[float, list[tuple[torch.Tensor, ...]]] = {r: [] for r in ratios}
-    start = time.perf_counter()
-    batches = math.ceil(windows.shape[0] / batch_size)
-    for index in tqdm(range(batches), desc="gap table (one-step / sequential / CoDD)", unit="batch", leave=False):
-        if index > 0 and time.perf_counter() - start >= seconds:
-            break
-        x_0 = windows[index * batch_size:(index + 1) * batch_size]
+    for x_0 in timed_batches(windows, batch_size, seconds, "gap table (one-step / sequential / CoDD)"):
         for ratio in ratios:
             parts[ratio].append(score_batch(model, layer, x_0, window, ratio, generator))
     return [GapScores(ratio=r, masked_per_window=max(1, round(r * window)),

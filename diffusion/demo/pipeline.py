@@ -26,7 +26,7 @@ from diffusion.demo.backbone import (
     BackboneConfig, MaskedDiffusionTransformer, load_backbone, random_crops, save_backbone, train_backbone,
 )
 from diffusion.demo.corpus import Corpus, CorpusError, check_size, load_corpus_path, load_default_corpus
-from diffusion.demo.few_step import backbone_calls, run_generation
+from diffusion.demo.few_step import backbone_calls, generation_steps, run_generation
 from diffusion.demo.gap import evaluation_windows, run_gap, summarise
 from diffusion.demo.quality import lexicon
 from diffusion.demo.shipped import SHIPPED, WeightsError, corpus_hash, load_weights, read_record, recorded_validation_nll
@@ -75,10 +75,8 @@ class DemoSettings:
     plots: bool = True
 
     def generation_steps(self) -> tuple[int, ...]:
-        """The steps-per-block settings of the few-step generation table."""
-        if self.steps_list is not None:
-            return tuple(self.steps_list)
-        return tuple(2 ** i for i in range(self.window.bit_length()) if 2 ** i < self.window) + (self.window,)
+        """Steps-per-block settings of the few-step table (see :func:`diffusion.demo.few_step.generation_steps`)."""
+        return generation_steps(self.window, self.steps_list)
 
     def validate(self) -> None:
         """Raise :class:`SettingsError` naming the first setting out of range."""

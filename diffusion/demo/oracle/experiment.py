@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from diffusion.demo import report
 from diffusion.demo.backbone import random_crops
 from diffusion.demo.corpus import Corpus, check_size, load_corpus_path, load_default_corpus
-from diffusion.demo.gap import GapScores, summarise
+from diffusion.demo.few_step import generation_steps
+from diffusion.demo.gap import GapScores, summarise, timed_batches
 from diffusion.demo.oracle import plots
 from diffusion.demo.oracle.teacher import ExactOracle, conditional_nll, fit_teacher
 from diffusion.demo.pipeline import build_layer
@@ -74,10 +75,8 @@ class OracleSettings:
     plots: bool = True
 
     def generation_steps(self) -> tuple[int, ...]:
-        """Steps-per-block settings of the few-step table."""
-        if self.steps_list is not None:
-            return tuple(self.steps_list)
-        return tuple(2 ** i for i in range(self.window.bit_length()) if 2 ** i < self.window) + (self.window,)
+        """Steps-per-block settings of the few-step table (see :func:`diffusion.demo.few_step.generation_steps`)."""
+        return generation_steps(self.window, self.steps_list)
 
     def validate(self) -> None:
         """Raise :class:`OracleSettingsError` naming the first setting out of range."""
@@ -150,12 +149,7 @@ def score_gap(teacher, oracle: ExactOracle, layers: dict[int, CoDDLayer], window
     generator = torch.Generator().manual_seed(seed)
     width = windows.shape[1]
     parts: dict[tuple[float, int], list[tuple[torch.Tensor, ...]]] = {}
-    started = time.perf_counter()
-    batches = math.ceil(windows.shape[0] / batch_size)
-    for index in tqdm(range(batches), desc="gap table (exact oracle)", unit="batch", leave=False):
-        if index > 0 and time.perf_counter() - started >= seconds:
-            break
-        x_0 = windows[index * batch_size:(index + 1) * batch_size]
+    for x_0 in timed_batches(windows, batch_size, seconds, "gap table (exact oracle)"):
         rows = torch.arange(x_0.shape[0])[:, None]
         for ratio in ratios:
             k = max(1, round(ratio * width))

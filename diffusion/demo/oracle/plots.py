@@ -63,11 +63,7 @@ def plot_gap_closed(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("student circuit: HMM hidden states")
     ax.set_ylabel("gap closed (a - c) / (a - b)")
     ax.set_title("CoDD with a perfect denoiser (exact oracle)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, ax, path)
 
 
 def plot_generation(generation: dict, path: Path) -> None:
@@ -86,6 +82,11 @@ def plot_generation(generation: dict, path: Path) -> None:
     ax.set_xlabel("denoising steps per block")
     ax.set_ylabel("teacher perplexity of the samples")
     ax.set_title("Few-step generation, scored exactly by the teacher")
+    _save(plt, fig, ax, path)
+
+
+def _save(plt, fig, ax, path: Path) -> None:
+    """Grid, legend and layout of one figure, written to ``path`` (PNG) and closed."""
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
