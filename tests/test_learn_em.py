@@ -28,6 +28,12 @@ def _softmax_rows(rng: np.random.Generator, *shape: int) -> np.ndarray:
 
 def baum_welch(x: np.ndarray, initial: np.ndarray, transition: np.ndarray, emission: np.ndarray):
     """One Baum-Welch step (scaled forward-backward) for a homogeneous HMM."""
+    gamma_sum0, xi_sum, emit_sum = baum_welch_counts(x, initial, transition, emission)
+    return (gamma_sum0 / gamma_sum0.sum(), xi_sum / xi_sum.sum(1, keepdims=True), emit_sum / emit_sum.sum(1, keepdims=True))
+
+
+def baum_welch_counts(x: np.ndarray, initial: np.ndarray, transition: np.ndarray, emission: np.ndarray):
+    """Expected counts (initial state, transitions, emissions) of the rows ``x`` by forward-backward."""
     n, t_len = x.shape
     h = initial.shape[0]
     gamma_sum0 = np.zeros(h)
@@ -48,7 +54,7 @@ def baum_welch(x: np.ndarray, initial: np.ndarray, transition: np.ndarray, emiss
             xi_sum += alpha[t][:, None] * transition * (emission[:, row[t + 1]] * beta[t + 1])[None, :] / likelihood
         for t in range(t_len):
             emit_sum[:, row[t]] += gamma[t]
-    return (gamma_sum0 / n, xi_sum / xi_sum.sum(1, keepdims=True), emit_sum / emit_sum.sum(1, keepdims=True))
+    return gamma_sum0, xi_sum, emit_sum
 
 
 def hmm_tables(circuit: pc.TensorCircuit, h: int, k: int):
@@ -71,16 +77,26 @@ def test_one_em_step_on_an_hmm_equals_one_baum_welch_step():
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_mini_batch_em_interpolates_with_the_step_size():
+def test_mini_batch_em_averages_expected_counts_with_the_step_size():
     rng = np.random.default_rng(1)
     h, k, t_len = 2, 3, 4
     initial, transition, emission = _softmax_rows(rng, h), _softmax_rows(rng, h, h), _softmax_rows(rng, h, k)
-    x = rng.integers(0, k, size=(30, t_len))
+    x1, x2 = rng.integers(0, k, size=(30, t_len)), rng.integers(0, k, size=(20, t_len))
     circuit = pc.compile(pc.structures.hmm(t_len, h, k, initial=initial, transition=transition, emission=emission), dtype=F64)
-    MiniBatchEM(circuit, step_size=0.25, pseudocount=0.0).step(torch.from_numpy(x))
-    target = baum_welch(x, initial, transition, emission)
-    for got, old, new in zip(hmm_tables(circuit, h, k), (initial, transition, emission), target):
-        np.testing.assert_allclose(got, 0.75 * old + 0.25 * new, rtol=1e-10)
+    em = MiniBatchEM(circuit, step_size=0.25, pseudocount=0.0)
+    em.step(torch.from_numpy(x1))  # the first step interpolates the parameters
+    target = baum_welch(x1, initial, transition, emission)
+    first = [0.75 * old + 0.25 * new for old, new in zip((initial, transition, emission), target)]
+    for got, want in zip(hmm_tables(circuit, h, k), first):
+        np.testing.assert_allclose(got, want, rtol=1e-10)
+    em.step(torch.from_numpy(x2))  # later steps average expected counts, started at theta * node flow
+    counts1 = baum_welch_counts(x1, initial, transition, emission)
+    start = [theta * c.sum(-1, keepdims=True) for theta, c in zip((initial, transition, emission), counts1)]
+    averaged = [0.75 * a + 0.25 * b for a, b in zip(start, counts1)]
+    averaged = [0.75 * a + 0.25 * b for a, b in zip(averaged, baum_welch_counts(x2, *first))]
+    expected = [c / c.sum(-1, keepdims=True) for c in averaged]
+    for got, want in zip(hmm_tables(circuit, h, k), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-10)
 
 
 def test_pseudocount_is_spread_evenly_over_children():

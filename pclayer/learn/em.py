@@ -2,8 +2,9 @@
 
 :class:`FullBatchEM` accumulates flows over any number of batches (an epoch) and then
 takes one exact M-step, which never decreases the training log-likelihood.
-:class:`MiniBatchEM` takes a damped M-step after every batch:
-``theta <- (1 - step_size) * theta + step_size * theta_batch``.
+:class:`MiniBatchEM` is stochastic (online) EM: it keeps a running average of expected
+counts, ``counts <- (1 - step_size) * counts + step_size * flows(batch)``, and takes the exact
+M-step of that average after every batch.
 
 The M-step of a sum node is
 ``theta[n, c] = (flow[n, c] + pseudocount / C_n) / (sum_c flow[n, c] + pseudocount)``
@@ -124,12 +125,23 @@ class FullBatchEM(_EMBase):
 
 
 class MiniBatchEM(_EMBase):
-    """Stochastic EM: one damped M-step per batch.
+    """Stochastic (online) EM: a running average of expected counts, one M-step per batch.
+
+    After each batch the averaged counts become
+    ``counts <- (1 - step_size) * counts + step_size * flows(batch)`` and the parameters are set
+    to the exact M-step of ``counts``. The average starts from the current parameters, weighted
+    by the first batch's flow per node (``counts = theta * sum_c flow[n, c]``), so the first step
+    is ``theta <- (1 - step_size) * theta + step_size * theta_batch``; continuous inputs start
+    from the first batch's statistics. Averaging counts rather than parameters matters: a node
+    that one batch barely reaches keeps what it learned from earlier batches, where a damped
+    parameter update would pull it towards the pseudocount's uniform distribution.
 
     Args:
         circuit: the :class:`pclayer.TensorCircuit` to train (in place).
-        step_size: interpolation weight in (0, 1] of the batch's M-step solution.
-        pseudocount: total Laplace smoothing per node.
+        step_size: weight in (0, 1] of each new batch in the running counts; the attribute
+            may be changed between steps (a decaying schedule, as :func:`pclayer.learn.fit`
+            does). 1 makes every step the exact M-step of its batch alone.
+        pseudocount: total Laplace smoothing per node, relative to one batch's counts.
         min_std: lower bound of Gaussian standard deviations.
         distributed: sum each batch's flows over all ranks (the global batch is the
             union of the ranks' batches); every rank must call :meth:`step` equally often.
@@ -141,15 +153,30 @@ class MiniBatchEM(_EMBase):
         _check_hyper(step_size, pseudocount, min_std)
         super().__init__(circuit, pseudocount, min_std, distributed, process_group)
         self.step_size = float(step_size)
+        self.counts: Flows | None = None
 
     def step(self, x: torch.Tensor, missing: torch.Tensor | None = None,
              soft_evidence: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> float:
-        """Compute the batch's flows and take one damped M-step.
+        """Compute the batch's flows, fold them into the running counts and take the M-step.
 
         Returns the (global) batch's weighted mean log-likelihood before the step.
         """
+        _check_hyper(self.step_size, self.pseudocount, self.min_std)
         flows = self._reduce(compute_flows(self.circuit, x, missing, soft_evidence, weights))
         if float(flows.weight) <= 0:
             raise ValueError("weights: the batch has total weight zero; nothing to learn from")
-        m_step(self.circuit, flows, step_size=self.step_size, pseudocount=self.pseudocount, min_std=self.min_std)
+        if self.counts is None:
+            self.counts = self._counts_of_current_parameters(flows)
+        self.counts.scale_add_(1.0 - self.step_size, flows, self.step_size)
+        m_step(self.circuit, self.counts, pseudocount=self.pseudocount, min_std=self.min_std)
         return float(flows.log_likelihood / flows.weight)
+
+    @torch.no_grad()
+    def _counts_of_current_parameters(self, flows: Flows) -> Flows:
+        """Counts whose M-step (without pseudocount) is the current parameters: each node's
+        normalised table times its total flow in ``flows``; continuous statistics as in ``flows``."""
+        tables = self.circuit.log_tables()
+        counts = {key: torch.exp(tables[key].to(torch.float64)) * value.sum(-1, keepdim=True)
+                  for key, value in flows.counts.items()}
+        return Flows(counts, {k: v.clone() for k, v in flows.statistics.items()},
+                     flows.log_likelihood.clone(), flows.weight.clone())

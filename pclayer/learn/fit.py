@@ -3,6 +3,9 @@ a per-epoch history and early stopping on a validation split."""
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -50,7 +53,8 @@ class History:
         valid_ll: validation log-likelihood after each epoch (empty without validation data).
         best_epoch: index of the epoch whose parameters the circuit holds at the end: the
             best validation epoch with validation data, else the last one.
-        stopped_early: whether early stopping ended training before ``epochs``.
+        stopped_early: whether early stopping or the time limit ended training before ``epochs``.
+        seconds: wall-clock seconds of training and evaluation.
     """
 
     method: str
@@ -58,12 +62,13 @@ class History:
     valid_ll: list[float] = field(default_factory=list)
     best_epoch: int = -1
     stopped_early: bool = False
+    seconds: float = field(default=0.0, compare=False)
 
     def summary(self) -> str:
         """A short human-readable report."""
         if not self.train_ll:
             return f"fit ({self.method}): no epochs run"
-        lines = [f"fit ({self.method}): {len(self.train_ll)} epochs"
+        lines = [f"fit ({self.method}): {len(self.train_ll)} epochs in {self.seconds:.1f} s"
                  + (" (stopped early)" if self.stopped_early else ""),
                  f"  train log-likelihood per sample: {self.train_ll[0]:.4f} -> {self.train_ll[-1]:.4f}"]
         if self.valid_ll:
@@ -120,18 +125,75 @@ def _informative(batch: Dataset) -> Dataset:
     return batch.rows((~batch.missing.all(dim=1)).nonzero().flatten())
 
 
-def _train_epoch(circuit, learner: FullBatchEM | MiniBatchEM | torch.optim.Optimizer, batches: list[Dataset]) -> None:
+def soften(data: Dataset, softening: float, num_cats: torch.Tensor) -> Dataset:
+    """Data softening: each observed value ``x_i`` becomes soft evidence that keeps it with
+    probability ``1 - softening`` and spreads ``softening`` evenly over the other categories.
+
+    Args:
+        data: rows with (N, V) ``x``; entries marked ``missing`` stay missing; no
+            ``soft_evidence`` of its own.
+        softening: in [0, 1).
+        num_cats: (V,) categories per variable (all >= 2: continuous variables cannot be softened).
+
+    Returns:
+        The same rows with every entry missing and (N, V, max K) log-weight soft evidence;
+        the likelihood of a row is then the expectation of ``p`` over perturbed copies of it.
+    """
+    if data.soft_evidence is not None:
+        raise ValueError("softening: cannot be combined with soft_evidence; fold the softening into your evidence")
+    width = int(num_cats.max())
+    cats = num_cats.to(data.x.device)
+    keep = torch.full((len(data), data.x.shape[1], width), 0.0, dtype=torch.float64, device=data.x.device)
+    spread = (softening / (cats - 1).clamp_min(1).double())[None, :, None].expand_as(keep)
+    valid = torch.arange(width, device=data.x.device)[None, None, :] < cats[None, :, None]
+    probs = torch.where(valid, spread, keep)
+    probs.scatter_(2, data.x.long()[:, :, None], 1.0 - softening)
+    log_weights = probs.log()
+    observed = torch.ones_like(data.x, dtype=torch.bool) if data.missing is None else ~data.missing
+    log_weights = torch.where(observed[:, :, None], log_weights, torch.zeros_like(log_weights))
+    return Dataset(data.x, torch.ones_like(data.x, dtype=torch.bool), log_weights, data.weights)
+
+
+def schedule(value: float | tuple[float, float], name: str) -> Callable[[float], float]:
+    """A value over training: ``value`` itself, or a cosine decay from ``start`` to ``end``.
+
+    Args:
+        value: a positive number (constant) or a pair ``(start, end)`` of positive numbers.
+        name: the argument's name, for errors.
+
+    Returns:
+        ``f(progress)`` for ``progress`` in [0, 1] (the fraction of updates done): for a pair,
+        ``end + (start - end) * (1 + cos(pi * progress)) / 2``, i.e. ``start`` at the first
+        update and ``end`` at the last.
+    """
+    pair = value if isinstance(value, tuple) else (value, value)
+    if len(pair) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                 and math.isfinite(v) and v > 0 for v in pair):
+        raise ValueError(f"{name}: expected a positive number or a pair (start, end) of positive numbers, got {value!r}")
+    start, end = float(pair[0]), float(pair[1])
+
+    def at(progress: float) -> float:
+        return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return at
+
+
+def _train_epoch(circuit, learner: FullBatchEM | MiniBatchEM | torch.optim.Optimizer, batches: list[Dataset],
+                 set_rate: Callable[[int], None]) -> None:
     """One pass over ``batches``: full-batch EM accumulates and steps once at the end,
-    mini-batch EM steps per batch, an optimiser descends the weighted mean NLL per batch."""
-    for batch in batches:
+    mini-batch EM steps per batch, an optimiser descends the weighted mean NLL per batch.
+    ``set_rate(i)`` sets the step size or learning rate before the update of batch ``i``."""
+    for index, batch in enumerate(batches):
         if isinstance(learner, FullBatchEM):
             learner.accumulate(batch.x, batch.missing, batch.soft_evidence, batch.weights)
         elif isinstance(learner, MiniBatchEM):
+            set_rate(index)
             learner.step(batch.x, batch.missing, batch.soft_evidence, batch.weights)
         else:
             batch = _informative(batch)
             if len(batch) == 0:
                 continue
+            set_rate(index)
             learner.zero_grad()
             log_p = circuit.log_prob(batch.x, missing=batch.missing, soft_evidence=batch.soft_evidence)
             w = torch.ones_like(log_p) if batch.weights is None else batch.weights.to(log_p.dtype)
@@ -146,8 +208,10 @@ def fit(circuit, x: torch.Tensor, *, epochs: int, batch_size: int, method: str =
         weights: torch.Tensor | None = None, valid_x: torch.Tensor | None = None,
         valid_missing: torch.Tensor | None = None, valid_soft_evidence: torch.Tensor | None = None,
         valid_weights: torch.Tensor | None = None, valid_fraction: float = 0.0, patience: int | None = None,
-        step_size: float = 0.1, lr: float = 0.05, pseudocount: float = 0.0, min_std: float = 1e-3,
-        seed: int = 0, distributed: bool = False, progress: bool = True) -> History:
+        step_size: float | tuple[float, float] = 0.1, lr: float | tuple[float, float] = 0.05,
+        pseudocount: float = 0.0, min_std: float = 1e-3,
+        softening: float = 0.0, time_limit: float | None = None, seed: int = 0, distributed: bool = False,
+        progress: bool = True) -> History:
     """Train ``circuit`` in place on rows ``x`` and return the :class:`History`.
 
     Args:
@@ -163,10 +227,19 @@ def fit(circuit, x: torch.Tensor, *, epochs: int, batch_size: int, method: str =
             and no soft evidence carry no information and are skipped).
         valid_x, valid_missing, valid_soft_evidence, valid_weights: validation data, or
         valid_fraction: hold out this fraction of ``x`` (a seeded random split) instead.
+        step_size: mini-batch EM's weight of each batch (:class:`MiniBatchEM`), and
+        lr: Adam's learning rate; each a number, or a pair ``(start, end)`` decayed by a
+            cosine over the updates of all ``epochs`` (:func:`schedule`; an early stop ends
+            the decay early).
         patience: stop after this many epochs without a better validation likelihood
             (needs validation data). ``None``: run all epochs. With validation data the
             circuit ends with the parameters of the best validation epoch.
         pseudocount, min_std: EM smoothing and Gaussian standard-deviation floor.
+        softening: train on softened rows (:func:`soften`): each observed value is kept
+            with probability ``1 - softening``, a regulariser for discrete data. The
+            reported likelihoods, validation and the best-epoch choice use the rows as given.
+        time_limit: stop after the first epoch that ends more than this many seconds after
+            the start (``None``: no limit). The best-epoch rule applies as for ``patience``.
         seed: seeds the validation split and the batch shuffling.
         distributed: data-parallel over ``torch.distributed`` (method ``"em"`` only): every
             rank passes its own shard as ``x``; flows and reported likelihoods are summed
@@ -175,6 +248,9 @@ def fit(circuit, x: torch.Tensor, *, epochs: int, batch_size: int, method: str =
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    step_sizes, rates = schedule(step_size, "step_size"), schedule(lr, "lr")
+    if max(step_sizes(0.0), step_sizes(1.0)) > 1:
+        raise ValueError(f"step_size: expected values in (0, 1], got {step_size!r}")
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
@@ -191,21 +267,40 @@ def fit(circuit, x: torch.Tensor, *, epochs: int, batch_size: int, method: str =
         check_weights(valid_weights, valid_x.shape[0], circuit.dtype, circuit.device)
         valid = Dataset(valid_x, valid_missing, valid_soft_evidence, valid_weights)
     train, valid = _split(Dataset(x, missing, soft_evidence, weights), valid, valid_fraction, seed)
+    if not (isinstance(softening, (int, float)) and not isinstance(softening, bool) and 0 <= softening < 1):
+        raise ValueError(f"softening: expected a number in [0, 1), got {softening!r}")
+    if softening > 0 and (circuit.has_continuous or int(circuit.var_cats.min()) < 2):
+        raise ValueError("softening: needs every variable discrete with at least 2 categories")
+    learn_from = soften(train, softening, circuit.var_cats) if softening > 0 else train
+    if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, (int, float))
+                                   or not time_limit > 0):
+        raise ValueError(f"time_limit: expected a positive number of seconds or None, got {time_limit!r}")
     if patience is not None and (valid is None or not isinstance(patience, int) or patience < 1):
         raise ValueError(f"patience: expected a positive int together with validation data, got {patience!r}"
                          + ("" if valid is not None else " and no validation data"))
     generator = torch.Generator().manual_seed(seed)
     history = History(method)
+    started = time.perf_counter()
     best_state: dict[str, torch.Tensor] | None = None
     if method == "em":
         learner = FullBatchEM(circuit, pseudocount=pseudocount, min_std=min_std, distributed=distributed)
     elif method == "minibatch_em":
-        learner = MiniBatchEM(circuit, step_size=step_size, pseudocount=pseudocount, min_std=min_std)
+        learner = MiniBatchEM(circuit, step_size=step_sizes(0.0), pseudocount=pseudocount, min_std=min_std)
     else:
-        learner = torch.optim.Adam(circuit.parameters(), lr=lr)
+        learner = torch.optim.Adam(circuit.parameters(), lr=rates(0.0))
+    updates = epochs * math.ceil(len(learn_from) / batch_size)
+
+    def set_rate(epoch: int, index: int) -> None:
+        progress = (epoch * math.ceil(len(learn_from) / batch_size) + index) / max(updates - 1, 1)
+        if isinstance(learner, MiniBatchEM):
+            learner.step_size = step_sizes(progress)
+        else:
+            for group in learner.param_groups:
+                group["lr"] = rates(progress)
+
     bar = tqdm(range(epochs), desc=f"fit ({method})", disable=not progress)
     for epoch in bar:
-        _train_epoch(circuit, learner, train.batches(batch_size, generator))
+        _train_epoch(circuit, learner, learn_from.batches(batch_size, generator), lambda i: set_rate(epoch, i))
         history.train_ll.append(_mean_log_likelihood(circuit, train, batch_size, distributed))
         postfix = {"train_ll": f"{history.train_ll[-1]:.4f}"}
         if valid is not None:
@@ -217,7 +312,9 @@ def fit(circuit, x: torch.Tensor, *, epochs: int, batch_size: int, method: str =
         else:
             history.best_epoch = epoch
         bar.set_postfix(postfix)
-        if patience is not None and epoch - history.best_epoch >= patience:
+        history.seconds = time.perf_counter() - started
+        out_of_patience = patience is not None and epoch - history.best_epoch >= patience
+        if out_of_patience or (time_limit is not None and history.seconds > time_limit):
             history.stopped_early = epoch + 1 < epochs
             break
     bar.close()

@@ -49,6 +49,16 @@ class Flows:
         self.weight += other.weight
         return self
 
+    def scale_add_(self, keep: float, other: Flows, weight: float) -> Flows:
+        """``self <- keep * self + weight * other`` in place (a running average); returns ``self``."""
+        for key, value in other.counts.items():
+            self.counts[key].mul_(keep).add_(value, alpha=weight)
+        for key, value in other.statistics.items():
+            self.statistics[key].mul_(keep).add_(value, alpha=weight)
+        self.log_likelihood.mul_(keep).add_(other.log_likelihood, alpha=weight)
+        self.weight.mul_(keep).add_(other.weight, alpha=weight)
+        return self
+
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor of the flows in a fixed order (for collective communication)."""
         return [*(self.counts[k] for k in sorted(self.counts)), *(self.statistics[k] for k in sorted(self.statistics)),
