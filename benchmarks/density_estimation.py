@@ -39,16 +39,19 @@ CIRKIT = {"nltcs": -6.003, "plants": -13.08, "jester": -52.50}
 
 #: Hidden sizes tried, smallest first; the search stops when one is not better on valid.
 SIZES = (16, 32, 64, 128, 256)
-MNIST_SIZES = (8, 16, 32, 64)
+MNIST_SIZES = (16, 32, 64)
 
 #: Training of every size: Adam on the log-weights with a cosine decay, then full-batch EM.
 STAGES = (
-    dict(method="adam", epochs=30, batch_size=256, lr=(0.05, 0.001), patience=6),
+    dict(method="adam", epochs=30, batch_size=256, lr=(0.05, 0.001), patience=8),
     dict(method="em", epochs=20, batch_size=1024, pseudocount=0.1, patience=2),
 )
+#: MNIST: stochastic EM, then full-batch EM (an M-step moves a 256-way leaf table to its counts at once,
+#: where Adam moves the logits from uniform in many small steps: 1.62 bpd after 10 EM steps, against
+#: 7.3 bpd after 6 Adam steps at lr 0.05, H = 16).
 MNIST_STAGES = (
-    dict(method="adam", epochs=20, batch_size=512, lr=(0.05, 0.002), patience=4),
-    dict(method="em", epochs=10, batch_size=2048, pseudocount=0.1, patience=2),
+    dict(method="minibatch_em", epochs=2, batch_size=512, step_size=(0.5, 0.02), pseudocount=1.0, patience=1),
+    dict(method="em", epochs=2, batch_size=2048, pseudocount=1.0, patience=1),
 )
 # MNIST's tree: pixels binned to this many levels, from this many training rows.
 MNIST_TREE_LEVELS = 4

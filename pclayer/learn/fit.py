@@ -221,8 +221,8 @@ def fit(circuit, x: torch.Tensor, *, epochs: int, batch_size: int, method: str =
         epochs: maximum number of passes over the data.
         batch_size: rows per forward/backward pass (and per update for mini-batch methods).
         method: ``"em"`` (full-batch EM: flows of the whole epoch, then one exact M-step;
-            never decreases the training likelihood), ``"minibatch_em"`` (a damped M-step
-            with ``step_size`` per batch) or ``"adam"`` (``torch.optim.Adam`` with ``lr``
+            never decreases the training likelihood), ``"minibatch_em"`` (stochastic EM:
+            an M-step per batch on expected counts averaged with ``step_size``) or ``"adam"`` (``torch.optim.Adam`` with ``lr``
             on the mean negative log-likelihood of each batch; rows with every value missing
             and no soft evidence carry no information and are skipped).
         valid_x, valid_missing, valid_soft_evidence, valid_weights: validation data, or
@@ -288,15 +288,15 @@ def fit(circuit, x: torch.Tensor, *, epochs: int, batch_size: int, method: str =
         learner = MiniBatchEM(circuit, step_size=step_sizes(0.0), pseudocount=pseudocount, min_std=min_std)
     else:
         learner = torch.optim.Adam(circuit.parameters(), lr=rates(0.0))
-    updates = epochs * math.ceil(len(learn_from) / batch_size)
+    batches_per_epoch = math.ceil(len(learn_from) / batch_size)
 
     def set_rate(epoch: int, index: int) -> None:
-        progress = (epoch * math.ceil(len(learn_from) / batch_size) + index) / max(updates - 1, 1)
+        done = (epoch * batches_per_epoch + index) / max(epochs * batches_per_epoch - 1, 1)
         if isinstance(learner, MiniBatchEM):
-            learner.step_size = step_sizes(progress)
+            learner.step_size = step_sizes(done)
         else:
             for group in learner.param_groups:
-                group["lr"] = rates(progress)
+                group["lr"] = rates(done)
 
     bar = tqdm(range(epochs), desc=f"fit ({method})", disable=not progress)
     for epoch in bar:
