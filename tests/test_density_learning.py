@@ -357,12 +357,17 @@ def test_density_benchmark_runs_mnist_from_idx_files(tmp_path, capsys, monkeypat
         return np.clip(centres[which] + rng.integers(-20, 21, (n, 784)), 0, 255).astype(np.uint8).reshape(n, 28, 28)
     _write_idx(tmp_path / "train-images-idx3-ubyte.gz", images(260))
     _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images(60))
-    for name, value in (("MNIST_SIZES", (2,)), ("MNIST_VALID_ROWS", 60), ("MNIST_TREE_ROWS", 100),
+    for name, value in (("MNIST_VALID_ROWS", 60), ("MNIST_TREE_ROWS", 100),
                         ("MNIST_STAGES", (dict(method="em", epochs=2, batch_size=100, pseudocount=0.1),))):
         monkeypatch.setattr(bench, name, value)
     out = tmp_path / "mnist.json"
-    bench.main(["--mnist", "--mnist-dir", str(tmp_path), "--minutes", "1", "--out", str(out), "--threads", "1"])
+    bench.main(["--mnist", "--mnist-dir", str(tmp_path), "--minutes", "1", "--out", str(out), "--threads", "1",
+                "--sizes", "2"])
     entry = json.loads(out.read_text())["mnist"]
+    assert entry["model"] == "HCLT H=2 (em)"
     assert entry["test_bpd"] == pytest.approx(-entry["test_ll"] / (784 * math.log(2)))
     assert 0 < entry["test_bpd"] < 8
     assert "bpd" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--mnist", "--mnist-dir", str(tmp_path), "--out", str(out), "--sizes", "4", "2"])
+    assert "--sizes: expected increasing positive ints" in capsys.readouterr().err
