@@ -371,3 +371,16 @@ def test_density_benchmark_runs_mnist_from_idx_files(tmp_path, capsys, monkeypat
     with pytest.raises(SystemExit):
         bench.main(["--mnist", "--mnist-dir", str(tmp_path), "--out", str(out), "--sizes", "4", "2"])
     assert "--sizes: expected increasing positive ints" in capsys.readouterr().err
+
+
+def test_staged_training_is_deterministic_given_the_seeds():
+    splits = _nltcs_slice()
+    stages = [dict(method="adam", epochs=2, batch_size=100, lr=(0.05, 0.01), softening=0.01, seed=3),
+              dict(method="minibatch_em", epochs=2, batch_size=100, step_size=(0.5, 0.1), pseudocount=0.1, seed=3)]
+    runs = []
+    for _ in range(2):
+        circuit = pc.compile(hclt_mixture(splits["train"], 3, 2, 2, seed=4))
+        train_stages(circuit, splits["train"], splits["valid"], stages, time_limit=600, progress=False)
+        runs.append({key: value.detach().clone() for key, value in circuit.params.items()})
+    assert runs[0].keys() == runs[1].keys()
+    assert all(torch.equal(runs[0][key], runs[1][key]) for key in runs[0])
