@@ -40,19 +40,30 @@ class Chooser:
         """(count,) uniforms in [0, 1), or None for a deterministic chooser."""
         return None
 
-    def pick(self, logits: torch.Tensor, uniforms: torch.Tensor | None) -> torch.Tensor:
-        """(A,) chosen indices for ``logits`` (A, C) and ``uniforms`` (A,) or None."""
+    def pick(self, logits: torch.Tensor, uniforms: torch.Tensor | None,
+             rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(A,) chosen indices for ``logits`` (A, C) and ``uniforms`` (A,) or None; with
+        ``rows`` (A,), ``logits`` (R, C) is a table and choice ``a`` is made in its row
+        ``rows[a]`` (the same choice as from ``logits[rows]``)."""
         raise NotImplementedError
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        return self.pick(logits, self.uniforms(logits.shape[0]))
+    def __call__(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.pick(logits, self.uniforms(logits.shape[0] if rows is None else rows.shape[0]), rows)
 
 
 class ArgmaxChooser(Chooser):
     """The largest log-weight (MPE)."""
 
-    def pick(self, logits: torch.Tensor, uniforms: torch.Tensor | None) -> torch.Tensor:
-        return logits.argmax(-1)
+    def pick(self, logits: torch.Tensor, uniforms: torch.Tensor | None,
+             rows: torch.Tensor | None = None) -> torch.Tensor:
+        best = logits.argmax(-1)
+        return best if rows is None else best.index_select(0, rows)
+
+
+def _value_rows(draws: torch.Tensor, rows: int) -> torch.Tensor:
+    """Rows of a top-down pass's inputs read by ``draws`` (A,): the inputs have one row per
+    draw, or (``rows`` = 1) one row shared by every draw."""
+    return draws if rows > 1 else torch.zeros_like(draws)
 
 
 def _register(module: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -388,10 +399,12 @@ class InputLayer(nn.Module):
         Returns ``(x_out (B, V), node (B, V) active input node index, node_log_probs (B, V, K)
         or None unless asked for)``; observed entries of ``x`` are kept, missing ones drawn by
         ``chooser`` (tabular inputs) or by the distribution (continuous inputs: draws from
-        ``normals``, modes without).
+        ``normals``, modes without). ``x``, ``missing`` and ``evidence`` have one row per row
+        of ``active`` or one row shared by all.
         """
-        batch, num_vars = x.shape
-        x_out = x.clone()
+        batch, num_vars = active.shape[0], x.shape[1]
+        rows = x.shape[0]
+        x_out = x.expand(batch, -1).clone()
         node = torch.full((batch, num_vars), -1, dtype=torch.long, device=x.device)
         dtype = next(t for t in tables.values() if t.is_floating_point()).dtype
         node_logp = torch.full((batch, num_vars, max(num_cats, 1)), -torch.inf, dtype=dtype,
@@ -412,7 +425,7 @@ class InputLayer(nn.Module):
             start += size
             if missing is None:  # nothing to draw
                 continue
-            draw = missing[b, var]
+            draw = missing[_value_rows(b, rows), var]
             b, var, bank, j = b[draw], var[draw], bank[draw], j[draw]
             if not distribution.tabular:
                 value = distribution.draw(tables[bucket["key"]][bank], j, None if normals is None else normals(len(j)))
@@ -421,29 +434,30 @@ class InputLayer(nn.Module):
                 k = bucket["num_cats"]
                 logp = self._node_rows(i, tables, bank, j)  # (A, K)
                 if isinstance(evidence, TopKEvidence):
-                    _emit_topk(x_out, b, var, logp, evidence, chooser)
+                    _emit_topk(x_out, b, _value_rows(b, rows), var, logp, evidence, chooser)
                 else:
                     if evidence is not None:
-                        logp = logp + evidence.reshape(batch * num_vars, -1).index_select(0, b * num_vars + var)[:, :k]
+                        read = _value_rows(b, rows) * num_vars + var
+                        logp = logp + evidence.reshape(rows * num_vars, -1).index_select(0, read)[:, :k]
                     x_out[b, var] = chooser(logp).to(x_out.dtype)
         return x_out, node, node_logp
 
 
-def _emit_topk(x_out: torch.Tensor, b: torch.Tensor, var: torch.Tensor, logp: torch.Tensor,
+def _emit_topk(x_out: torch.Tensor, b: torch.Tensor, eb: torch.Tensor, var: torch.Tensor, logp: torch.Tensor,
                evidence: TopKEvidence, chooser: Chooser) -> None:
     """Draw the values of active tabular inputs ``(b, var)`` (A,) with rows ``logp`` (A, K)
-    under top-k evidence into ``x_out``: among the k candidates (sorted by category, so
-    inverse-CDF draws match the dense evidence's), or among all categories where the variable
-    is ``free``."""
-    free = evidence.free[b, var] if evidence.free is not None else torch.zeros_like(b, dtype=torch.bool)
+    under top-k evidence (its rows ``eb`` (A,)) into ``x_out``: among the k candidates (sorted
+    by category, so inverse-CDF draws match the dense evidence's), or among all categories
+    where the variable is ``free``."""
+    free = evidence.free[eb, var] if evidence.free is not None else torch.zeros_like(b, dtype=torch.bool)
     uniforms = chooser.uniforms(len(b))  # one per row, in row order, whichever group it falls in
     for rows, sparse in ((~free, True), (free, False)):
         if not bool(rows.any()):
             continue
         u = None if uniforms is None else uniforms[rows]
         if sparse:
-            candidates = evidence.indices[b[rows], var[rows]]  # (R, k)
-            logits = logp[rows].gather(1, candidates) + evidence.values[b[rows], var[rows]]
+            candidates = evidence.indices[eb[rows], var[rows]]  # (R, k)
+            logits = logp[rows].gather(1, candidates) + evidence.values[eb[rows], var[rows]]
             chosen = candidates.gather(1, chooser.pick(logits, u).unsqueeze(1)).squeeze(1)
         else:
             chosen = chooser.pick(logp[rows], u)
@@ -702,9 +716,9 @@ class SumLayer(_Reader):
     def select(self, active: torch.Tensor, outputs: list[torch.Tensor], logweights: dict, chooser: Chooser) -> torch.Tensor:
         """Active positions of ``z`` (B, M): each active sum node picks one child with
         probability proportional to weight times child value (or the best one for MPE);
-        ``outputs`` are log-values."""
+        ``outputs`` are log-values, one row per row of ``active`` or one row shared by all."""
         z = self.gather(outputs)
-        batch = z.shape[0]
+        batch = active.shape[0]
         active_z = active.new_zeros(batch, self.width + 1)
         start = 0
         for i, spec in enumerate(self.dense):
@@ -714,17 +728,21 @@ class SumLayer(_Reader):
             size = spec["groups"] * n
             b, flat = active[:, start:start + size].nonzero(as_tuple=True)
             g, j = (torch.zeros_like(flat), flat) if spec["groups"] == 1 else (flat // n, flat % n)
-            rows = logw[0].index_select(0, j) if logw.shape[0] == 1 else logw.reshape(-1, logw.shape[-1]).index_select(0, flat)
-            chosen = chooser(rows + x.reshape(-1, x.shape[-1]).index_select(0, b * x.shape[1] + g))
+            if z.shape[0] == 1 and spec["groups"] * n <= len(b):  # shared values, more draws than nodes:
+                table = (logw + x[0].unsqueeze(1)).reshape(-1, logw.shape[-1])  # one distribution per node
+                chosen = chooser(table, flat)
+            else:
+                rows = logw[0].index_select(0, j) if logw.shape[0] == 1 else logw.reshape(-1, logw.shape[-1]).index_select(0, flat)
+                chosen = chooser(rows + x.reshape(-1, x.shape[-1]).index_select(0, _value_rows(b, z.shape[0]) * x.shape[1] + g))
             active_z[b, getattr(self, f"dense_children_{i}")[g, chosen]] = True
             start += size
         if self.sparse:
-            zp = torch.cat([z, z.new_full((batch, 1), -torch.inf)], dim=1)
+            zp = torch.cat([z, z.new_full((z.shape[0], 1), -torch.inf)], dim=1)
             for i, spec in enumerate(self.sparse):
                 children = getattr(self, f"sparse_children_{i}")
                 size = children.shape[0]
                 b, j = active[:, start:start + size].nonzero(as_tuple=True)
-                chosen = chooser(logweights[spec["key"]][j] + zp[b[:, None], children[j]])
+                chosen = chooser(logweights[spec["key"]][j] + zp[_value_rows(b, z.shape[0])[:, None], children[j]])
                 active_z[b, children[j, chosen]] = True
                 start += size
         return active_z[:, : self.width]

@@ -19,8 +19,12 @@ from pclayer.traversal import LayerValues
 def top_down(circuit, values: LayerValues, tables: dict[str, torch.Tensor], x: torch.Tensor,
              missing: torch.Tensor | None, evidence: torch.Tensor | None, chooser: Chooser,
              normals: Callable[[int], torch.Tensor] | None,
-             node_log_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+             node_log_probs: bool = False, draws: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Run the top-down pass over bottom-up ``values`` (log-values read per layer).
+
+    ``values``, ``x``, ``missing`` and ``evidence`` have one row per draw, or one row shared
+    by all ``draws`` (default: one draw per row of ``x``).
 
     Args:
         chooser: picks one child per active sum node and one value per missing tabular
@@ -32,7 +36,7 @@ def top_down(circuit, values: LayerValues, tables: dict[str, torch.Tensor], x: t
         ``(x_out (B, V), node (B, V), node_log_probs (B, V, K))`` as in
         :meth:`pclayer.layers.InputLayer.emit`.
     """
-    batch = x.shape[0]
+    batch = x.shape[0] if draws is None else draws
     active = [torch.zeros(batch, width, dtype=torch.bool, device=x.device) for width in circuit.layer_widths]
     root_layer, root_index = circuit.root
     active[root_layer][:, root_index] = True
@@ -41,5 +45,4 @@ def top_down(circuit, values: LayerValues, tables: dict[str, torch.Tensor], x: t
         layer = layers[index]
         active_z = layer.select(active[index], values, tables, chooser)
         layer.scatter_active(active_z, active)
-    return layers[0].emit(active[0], tables, x, missing, evidence, chooser, normals, circuit.num_cats,
-                                  node_log_probs)
+    return layers[0].emit(active[0], tables, x, missing, evidence, chooser, normals, circuit.num_cats, node_log_probs)

@@ -115,8 +115,8 @@ class SamplerIgnoresEvidence(Wrapper):
     def sample(self, num_samples=None, *, x=None, missing=None, soft_evidence=None, generator=None):
         if x is None:
             return self.inner.sample(num_samples, soft_evidence=soft_evidence, generator=generator)
-        drawn = self.inner.sample(x.shape[0], generator=generator)
-        return torch.where(missing, drawn, x) if missing is not None else x.clone()
+        drawn = self.inner.sample(x.shape[0] if num_samples is None else num_samples, generator=generator)
+        return torch.where(missing, drawn, x) if missing is not None else x.expand_as(drawn).clone()
 
 
 class FlowWithWrongSign(Wrapper):
