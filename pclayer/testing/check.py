@@ -25,14 +25,22 @@ Properties (the names used in the error report):
   with the others fixed returns the same values. With ``mpe="exact"`` (the argmax of
   ``log_prob``) the decoding is at least as likely as random completions and as every
   single-variable change, and (small joint) as every completion.
-* ``sampling``: unconditional samples, samples conditioned on evidence, and samples under
-  evidence plus soft evidence match one-variable and two-variable marginals computed with
-  ``log_prob`` (Pearson chi-square on at most 8 value bins per variable, 4 x 4 per pair;
-  bins are sets of values selected by soft evidence of ``-inf`` outside them); conditional
-  samples keep the observed values; no sample has probability zero. All chi-square tests
-  share the false-alarm rate ``alpha`` (Bonferroni), so a correct circuit fails this
-  property with probability at most ``alpha`` (and, with a fixed ``seed``, never changes
-  its verdict from run to run).
+* ``sampling``: three settings, each one ``circuit.sample(num_samples, ...)`` call under one
+  row of evidence (as a user draws many samples for one query): unconditional, conditioned on
+  evidence, and conditioned on evidence plus soft evidence. Their draws match one-variable
+  marginals of 4 random missing variables and two-variable marginals of 2 pairs of them,
+  computed with ``log_prob`` (Pearson chi-square on at most 8 value bins per variable, 4 x 4
+  per pair; bins are sets of values selected by soft evidence of ``-inf`` outside them; with
+  a small joint, the unconditional draws also match the whole joint); they keep the observed
+  values, and the first 16 draws of each setting have positive probability. One more call
+  draws once per row of a batch of different evidence rows (kept values, positive
+  probability). All chi-square tests share the false-alarm rate ``alpha`` (Bonferroni), so a
+  correct circuit fails this property with probability at most ``alpha`` (up to the
+  chi-square approximation of Pearson's statistic, cells pooled to expected counts of at
+  least 5; with a fixed ``seed`` the verdict never changes from run to run). The default
+  ``num_samples`` is the fewest draws with which each test detects, with probability 0.99,
+  a marginal off by total variation 0.25 over its cells; the report states the deviation
+  detected at the number used.
 * ``flows``: gradients of ``log_prob`` with respect to soft evidence, and to a few
   parameters when the circuit has ``parameters()``, equal central finite differences.
 """
@@ -58,7 +66,7 @@ _CHUNK = 256  # rows per query call
 _TESTED_VARIABLES = 4  # missing variables per sampling setting with a one-variable test (paired for the two-variable tests)
 _DEVIATION = 0.25  # total variation over a test's cells that the default num_samples detects ...
 _POWER = 0.99  # ... with this probability
-_POSSIBLE = 32  # samples per sampling setting whose probability is checked to be positive
+_POSSIBLE = 16  # samples per sampling setting whose probability is checked to be positive
 
 
 @dataclass
@@ -185,7 +193,12 @@ class _Checker:
             grids = np.meshgrid(*[np.arange(k) for k in self.var_cats], indexing="ij")
             self.assignments = np.stack([g.ravel() for g in grids], axis=1).astype(np.int64)
             self.joint = self.log_prob(self.assignments)
-        self.evidence = self.evidence_rows(rows, soft=True)
+        x, missing, weights, self.evidence_values = self.evidence_rows(rows)
+        self.evidence = (x, missing, weights)
+        # up to two missing variables per evidence row, clamped to each value by the soft
+        # evidence and posterior properties (the same log_prob rows serve both)
+        self.picks = [[int(i) for i in self.rng.permutation(np.nonzero(m)[0])[:2]] for m in missing]
+        self._clamped: dict[tuple[int, int], np.ndarray] = {}
 
     # ---------------------------------------------------------------- helpers
 
@@ -227,20 +240,24 @@ class _Checker:
     def random_x(self, count: int) -> np.ndarray:
         return (self.rng.random((count, self.num_vars)) * self.var_cats[None]).astype(np.int64)
 
-    def evidence_rows(self, count: int, soft: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def evidence_rows(self, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``count`` rows of evidence of positive probability: random values with about half
-        the variables missing (samples of the circuit where random values are impossible)."""
+        the variables missing (samples of the circuit where random values are impossible) and
+        soft evidence; returns ``x`` (B, V), ``missing`` (B, V), ``weights`` (B, V, K) and
+        their ``log_prob`` (B,)."""
         x = self.random_x(count)
         missing = self.rng.random((count, self.num_vars)) < 0.5
-        weights = self.rng.normal(size=(count, self.num_vars, self.num_cats)) if soft else None
-        impossible = ~np.isfinite(self.log_prob(x, missing, weights))
+        weights = self.rng.normal(size=(count, self.num_vars, self.num_cats))
+        values = self.log_prob(x, missing, weights)
+        impossible = ~np.isfinite(values)
         for _ in range(3):
             if not impossible.any():
                 break
             n = int(impossible.sum())
             x[impossible] = self.random_x(n)
             missing[impossible] = self.rng.random((n, self.num_vars)) < 0.8
-            impossible = ~np.isfinite(self.log_prob(x, missing, weights))
+            values = self.log_prob(x, missing, weights)
+            impossible = ~np.isfinite(values)
         if impossible.any():  # sparse support: observe values the circuit itself draws
             try:
                 with torch.no_grad():
@@ -249,11 +266,20 @@ class _Checker:
                 x[impossible] = drawn.cpu().numpy().astype(np.int64)
             except ZeroProbabilityError:
                 pass
-            if weights is not None:
-                weights[impossible] = 0.0
-            impossible = ~np.isfinite(self.log_prob(x, missing, weights))
+            weights[impossible] = 0.0
+            values = self.log_prob(x, missing, weights)
+            impossible = ~np.isfinite(values)
         keep = ~impossible
-        return x[keep], missing[keep], None if weights is None else weights[keep]
+        return x[keep], missing[keep], weights[keep], values[keep]
+
+    def clamped(self, pairs: list[tuple[int, int]]) -> list[np.ndarray]:
+        """(k,) log_prob of evidence row ``b`` with its missing variable ``i`` observed at each
+        of its k values, per pair ``(b, i)``: one call for the pairs not computed before."""
+        x, missing, weights = self.evidence
+        todo = [pair for pair in dict.fromkeys(pairs) if pair not in self._clamped]
+        for pair, values in zip(todo, self.batched([self.clamp(x[b], missing[b], weights[b], i) for b, i in todo])):
+            self._clamped[pair] = values
+        return [self._clamped[pair] for pair in pairs]
 
     def batched(self, parts: list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]) -> list[np.ndarray]:
         """log_prob of several groups of rows in one call (soft evidence 0 where a group has none)."""
@@ -316,6 +342,9 @@ class _Checker:
         if self.small:
             parts += [(x, missing, None), (x, missing, weights)]
         values = self.batched(parts)
+        self.report.notes[name] = (f"{len(owners)} evidence rows, each with a random set B of 1 or 2 observed variables "
+                                   f"(at most 64 joint values) summed out" + ("; every evidence row against the enumerated "
+                                                                             "joint" if self.small else ""))
         for index, (b, chosen, wider) in enumerate(owners):
             lhs, rhs = float(values[2 * index][0]), float(_lse(values[2 * index + 1]))
             self.count(name)
@@ -344,36 +373,32 @@ class _Checker:
     def soft_evidence(self) -> None:
         name = "soft_evidence"
         x, missing, weights = self.evidence
-        parts, checks = [(x, missing, weights)], []
+        base = self.evidence_values
+        absent = [(b, picks[0]) for b, picks in enumerate(self.picks) if picks]
+        self.report.notes[name] = f"one random missing and one random observed variable in each of {len(x)} evidence rows"
+        for (b, i), values in zip(absent, self.clamped(absent)):
+            expected = float(_lse(values))
+            self.count(name)
+            if not self.close(base[b], expected):
+                self.fail(name, f"log_prob = {base[b]:.8g} but the log-sum-exp over the {self.var_cats[i]} values of "
+                                f"missing variable {i} gives {expected:.8g} at {self.describe(x[b], missing[b], weights[b])}")
+        present, parts = [], []
         for b in range(len(x)):
-            absent, present = np.nonzero(missing[b])[0], np.nonzero(~missing[b])[0]
-            if len(absent):
-                i = int(self.rng.choice(absent))
-                checks.append(("missing", b, i, len(parts)))
-                parts.append(self.clamp(x[b], missing[b], weights[b], i))
-            if len(present):
-                i = int(self.rng.choice(present))
+            observed = np.nonzero(~missing[b])[0]
+            if len(observed):
+                i = int(self.rng.choice(observed))
                 without = weights[b:b + 1].copy()
                 without[0, i] = 0.0
-                checks.append(("observed", b, i, len(parts)))
+                present.append((b, i))
                 parts.append((x[b:b + 1], missing[b:b + 1], without))
-        values = self.batched(parts)
-        base = values[0]
-        for kind, b, i, index in checks:
-            where = self.describe(x[b], missing[b], weights[b])
+        for (b, i), values in zip(present, self.batched(parts)):
+            reduced = float(values[0])
+            expected = reduced + weights[b, i, x[b, i]]
             self.count(name)
-            if kind == "missing":
-                expected = float(_lse(values[index]))
-                if not self.close(base[b], expected):
-                    self.fail(name, f"log_prob = {base[b]:.8g} but the log-sum-exp over the {self.var_cats[i]} values of "
-                                    f"missing variable {i} gives {expected:.8g} at {where}")
-            else:
-                reduced = float(values[index][0])
-                expected = reduced + weights[b, i, x[b, i]]
-                if not self.close(base[b], expected):
-                    self.fail(name, f"log_prob = {base[b]:.8g} but without the soft evidence of observed variable {i} it is "
-                                    f"{reduced:.8g}, which plus w[{i}, {x[b, i]}] = {weights[b, i, x[b, i]]:.6g} gives "
-                                    f"{expected:.8g}, at {where}")
+            if not self.close(base[b], expected):
+                self.fail(name, f"log_prob = {base[b]:.8g} but without the soft evidence of observed variable {i} it is "
+                                f"{reduced:.8g}, which plus w[{i}, {x[b, i]}] = {weights[b, i, x[b, i]]:.6g} gives "
+                                f"{expected:.8g}, at {self.describe(x[b], missing[b], weights[b])}")
 
     def posterior(self) -> None:
         name = "posterior"
@@ -385,13 +410,10 @@ class _Checker:
             return
         tol = 1e-9 if self.dtype == torch.float64 else 1e-4
         cats = np.arange(self.num_cats)[None, :] < self.var_cats[:, None]  # (V, K)
-        parts, ratios = [(x, missing, weights)], []
-        for b in range(len(x)):
-            for i in self.rng.permutation(np.nonzero(missing[b])[0])[:2]:
-                ratios.append((b, int(i), len(parts)))
-                parts.append(self.clamp(x[b], missing[b], weights[b], int(i)))
-        values = self.batched(parts)
-        base = values[0]
+        ratios = [(b, i) for b, picks in enumerate(self.picks) for i in picks]
+        base = self.evidence_values
+        self.report.notes[name] = (f"every variable's row on {len(x)} evidence rows; ratios of marginals for up to 2 random "
+                                   f"missing variables per row" + ("; every row against the enumerated joint" if self.small else ""))
         for b in range(len(x)):
             where = self.describe(x[b], missing[b], weights[b])
             sums = post[b].sum(-1)
@@ -418,9 +440,9 @@ class _Checker:
                     v = int(np.abs(expected - post[b]).max(-1).argmax())
                     self.fail(name, f"posterior of variable {v} is {_fmt(np.round(post[b, v], 6))} but the enumerated "
                                     f"joint gives {_fmt(np.round(expected[v], 6))} at {where}")
-        for b, i, index in ratios:
+        for (b, i), values in zip(ratios, self.clamped(ratios)):
             k = int(self.var_cats[i])
-            ratio = np.exp(values[index] - base[b])
+            ratio = np.exp(values - base[b])
             self.count(name)
             if np.abs(ratio - post[b, i, :k]).max() > tol + 10 * self.rtol:
                 self.fail(name, f"posterior of missing variable {i} is {_fmt(np.round(post[b, i, :k], 6))} but the "
@@ -471,6 +493,8 @@ class _Checker:
                 rows.append(decoded[b])
                 masks.append(mask)
                 owners.append(b)
+        self.report.notes["mpe"] = (f"{len(x)} evidence rows; per row, 2 random decoded variables alone and a random half "
+                                    f"of them decoded again")
         if not rows:
             return
         rows, masks, owners = np.stack(rows), np.stack(masks), np.array(owners)
@@ -510,6 +534,8 @@ class _Checker:
                 candidates = np.concatenate([candidates, self.assignments[consistent]])
             parts.append((candidates, None, np.repeat(weights[b:b + 1], len(candidates), 0)))
             owners.append(b)
+        self.report.notes["mpe"] = (f"{len(x)} evidence rows; per row, 16 random completions and every single-variable change "
+                                    f"of up to 64 missing variables" + ("; every completion (enumerated)" if self.small else ""))
         for (candidates, _, _), scores, b in zip(parts, self.batched(parts), owners):
             self.count(name, len(candidates))
             better = scores > value[b] + self.atol + self.rtol * abs(value[b])
@@ -715,6 +741,8 @@ class _Checker:
         grad, rows = grads[0].double().cpu().numpy(), rows.detach().cpu().double().numpy()
         entries = [tuple(int(j) for j in i) for i in np.argwhere(np.abs(grad) > 0.05)]
         picked = [entries[i] for i in self.rng.permutation(len(entries))[:4]]
+        self.report.notes[name] = (f"{len(picked)} random soft-evidence entries (of {len(entries)} with |gradient| > 0.05) "
+                                   f"on {len(x)} evidence rows, and the largest gradient entries of 2 random parameter tensors")
         parts, steps = [], []
         for b, i, k in picked:
             step, noise = self.fd_step(abs(rows[b]))
