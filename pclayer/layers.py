@@ -117,7 +117,12 @@ class LayerOutputs(list):
 
 
 def read_columns(outputs: list[torch.Tensor], layer: int, start: int, length: int) -> torch.Tensor:
-    """Columns ``start:start+length`` of layer ``layer``'s output, without copying."""
+    """Columns ``start:start+length`` of layer ``layer``'s output, without copying (read
+    through ``outputs.columns`` when the outputs convert columns on demand, as the log-values
+    of :class:`pclayer.traversal.LayerValues` do)."""
+    columns = getattr(outputs, "columns", None)
+    if columns is not None:
+        return columns(layer, start, length)
     value = outputs[layer]
     if start == 0 and length == value.shape[1]:
         return value
