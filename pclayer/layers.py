@@ -67,6 +67,7 @@ class ActiveNodes:
     def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor]], width: int, device: torch.device):
         """Join ``(draws, nodes)`` pairs activated by the layers above (a node activated twice
         in one draw counts once) for a layer of ``width`` nodes."""
+        self.width = width
         if not parts:
             self.b = self.node = torch.zeros(0, dtype=torch.long, device=device)
             return
@@ -75,6 +76,8 @@ class ActiveNodes:
 
     def within(self, start: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(draws, node - start) of the active nodes in ``[start, start + size)``, in order."""
+        if start == 0 and size == self.width:
+            return self.b, self.node
         keep = (self.node >= start) & (self.node < start + size)
         return self.b[keep], self.node[keep] - start
 

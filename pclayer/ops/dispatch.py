@@ -185,8 +185,10 @@ def inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor, backend: Backend =
         raise ValueError(f"rows: expected a 1-d int64 tensor, got {rows.dtype} of shape {tuple(rows.shape)}")
     if not isinstance(uniforms, torch.Tensor) or uniforms.shape != (draws,):
         raise ValueError(f"uniforms: expected shape ({draws},), got {getattr(uniforms, 'shape', uniforms)}")
-    if uniforms.numel() and bool(((uniforms < 0) | (uniforms > 1) | uniforms.isnan()).any()):
-        raise ValueError("uniforms: expected values in [0, 1] without NaN")
+    if uniforms.numel():
+        low, high = torch.aminmax(uniforms)  # NaN makes both comparisons false
+        if not (bool(low >= 0) and bool(high <= 1)):
+            raise ValueError("uniforms: expected values in [0, 1] without NaN")
     if choose_backend(backend, "inverse_cdf", (logits, uniforms), record=record) == "cuda":  # an index has no gradient
         from pclayer.cuda import ops
 
