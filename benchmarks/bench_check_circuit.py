@@ -11,25 +11,28 @@ chosen by the sampling tests' power = 300 draws per setting), on the one engine 
 top-down work of issue 17 (draws under one shared row of evidence share one bottom-up pass;
 active nodes kept as (draw, node) pairs; CDF tables for many draws from few distributions):
 
-    ================================================  =======  ===========  ===========  ============
-    properties                                         threads  wall         CPU          load average
-    ================================================  =======  ===========  ===========  ============
-    everything (default)                               2        6.6-7.5 s    12.5-14 s    1.0-2.3
-    everything (default)                               1        7.6-8.7 s    7.6-8.6 s    1.8-2.9
-    all but sampling                                   1        4.0 s        4.0 s        2.4
-    sampling only (incl. the shared evidence rows)     1        5.2 s        5.2 s        2.2
-    sampling only, num_samples=1000                    1        7.3 s        7.3 s        2.0
-    everything (default)                               2        29-155 s     33-153 s     2.5-5.3
-    ================================================  =======  ===========  ===========  ============
+    ==============================================  =======  ===========  ===========  ============
+    properties (environment)                         threads  wall         CPU          load average
+    ==============================================  =======  ===========  ===========  ============
+    everything (default), box otherwise idle         2        6.6-7.5 s    12.5-14 s    1.0-2.3
+    everything (default)                             1        7.6-8.7 s    7.6-8.6 s    1.8-2.9
+    all but sampling                                 1        4.0 s        4.0 s        2.4
+    sampling only (incl. the shared evidence rows)   1        5.2 s        5.2 s        2.2
+    sampling only, num_samples=1000                  1        7.3 s        7.3 s        2.0
+    everything, other jobs busy on the cores         2        29-369 s     33-370 s     2.5-5.3
+    same, OMP_WAIT_POLICY=PASSIVE                    2        9.9-11.9 s   9.8-11.9 s   2.8
+    ==============================================  =======  ===========  ===========  ============
 
-The goal (under 10 s on 2 cores) is met on a quiet box. The last row is the same run while
-another process kept one or both cores busy: every parallel torch op then waits for a
-descheduled thread, so on a shared box time with ``--threads 1``. Before this work the
-sampling property alone needed tens of seconds (``circuit.sample`` on 3 x 1000 repeated rows:
-a bottom-up pass per row and (draws x layer width) masks per layer, about 12 ms of CPU per
-row); a row of ``log_prob`` costs about 4.5 ms, a row of ``mpe`` about 25 ms (max-plus sums
-have no matrix-product form), a draw about 1 ms plus 0.5 s per ``sample`` call (1024 positions
-of per-layer work).
+The goal (under 10 s on 2 cores) is met on 2 free cores. When other processes keep the cores
+busy, torch's OpenMP threads spin-wait at the end of every parallel op for a partner thread
+that is not scheduled, and the tens of thousands of small ops of this check then cost
+milliseconds each (row 6);
+on a shared box run with ``--threads 1`` or ``OMP_WAIT_POLICY=PASSIVE`` (row 7: about one
+free core's worth of work). Before this work the sampling property alone needed tens of
+seconds (``circuit.sample`` on 3 x 1000 repeated rows: a bottom-up pass per row and
+(draws x layer width) masks per layer, about 12 ms of CPU per row). Now a row of ``log_prob``
+costs about 4.5 ms, a row of ``mpe`` about 25 ms (max-plus sums have no matrix-product form),
+and a draw about 1 ms plus 0.5 s per ``sample`` call (1024 positions of per-layer work).
 
 Run: ``OMP_NUM_THREADS=2 python benchmarks/bench_check_circuit.py``
 (``--properties normalisation,posterior`` to time a subset, ``--num-samples 100`` to scale
