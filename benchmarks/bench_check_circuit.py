@@ -26,9 +26,8 @@ active nodes kept as (draw, node) pairs; CDF tables for many draws from few dist
 The goal (under 10 s on 2 cores) is met on 2 free cores. When other processes keep the cores
 busy, torch's OpenMP threads spin-wait at the end of every parallel op for a partner thread
 that is not scheduled, and the tens of thousands of small ops of this check then cost
-milliseconds each (row 6);
-on a shared box run with ``--threads 1`` or ``OMP_WAIT_POLICY=PASSIVE`` (row 7: about one
-free core's worth of work). Before this work the sampling property alone needed tens of
+milliseconds each (row 6); on a shared box run with ``--threads 1`` or
+``OMP_WAIT_POLICY=PASSIVE`` (row 7: about one free core's worth of work). Before this work the sampling property alone needed tens of
 seconds (``circuit.sample`` on 3 x 1000 repeated rows: a bottom-up pass per row and
 (draws x layer width) masks per layer, about 12 ms of CPU per row). Now a row of ``log_prob``
 costs about 4.5 ms, a row of ``mpe`` about 25 ms (max-plus sums have no matrix-product form),
