@@ -597,7 +597,7 @@ class _Checker:
             b = chosen[0]
             settings.append((x[b], missing[b], zeros, "conditional"))
             settings.append((x[b], missing[b], self.rng.normal(size=zeros.shape) * 1.5, "conditional with soft evidence"))
-        # at most this many chi-square tests share alpha; the tests have at most 16 cells
+        # at most this many chi-square tests share alpha; the one- and two-variable tests have at most 16 cells
         planned = len(settings) * (_TESTED_VARIABLES + _TESTED_VARIABLES // 2) + int(self.small)
         dof = _PAIR_BINS ** 2 - 1
         n = self.num_samples if self.num_samples is not None else _samples_for(_DEVIATION, self.alpha / planned, dof)
