@@ -14,7 +14,7 @@ active nodes kept as (draw, node) pairs; CDF tables for many draws from few dist
     ==============================================  =======  ===========  ===========  ============
     properties (environment)                         threads  wall         CPU          load average
     ==============================================  =======  ===========  ===========  ============
-    everything (default), box otherwise idle         2        6.6-7.5 s    12.5-14 s    1.0-2.3
+    everything (default), box otherwise idle (8x)    2        5.9-8.1 s    11.0-15.1 s  0.9-1.5
     everything (default)                             1        7.6-8.7 s    7.6-8.6 s    1.8-2.9
     all but sampling                                 1        4.0 s        4.0 s        2.4
     sampling only (incl. the shared evidence rows)   1        5.2 s        5.2 s        2.2
@@ -23,7 +23,9 @@ active nodes kept as (draw, node) pairs; CDF tables for many draws from few dist
     same, OMP_WAIT_POLICY=PASSIVE                    2        9.9-11.9 s   9.8-11.9 s   2.8
     ==============================================  =======  ===========  ===========  ============
 
-The goal (under 10 s on 2 cores) is met on 2 free cores. When other processes keep the cores
+The goal (under 10 s on 2 cores) is met on 2 free cores (row 1: eight runs started after 10 s
+of 99% idle, median 6.4 s; the CPU time is twice the wall time because the second thread
+spin-waits through the serial parts). When other processes keep the cores
 busy, torch's OpenMP threads spin-wait at the end of every parallel op for a partner thread
 that is not scheduled, and the tens of thousands of small ops of this check then cost
 milliseconds each (row 6); on a shared box run with ``--threads 1`` or
