@@ -23,17 +23,17 @@ active nodes kept as (draw, node) pairs; CDF tables for many draws from few dist
     same, OMP_WAIT_POLICY=PASSIVE                    2        9.9-11.9 s   9.8-11.9 s   2.8
     ==============================================  =======  ===========  ===========  ============
 
-The goal (under 10 s on 2 cores) is met on 2 free cores (row 1: eight runs started after 10 s
-of 99% idle, median 6.4 s; the CPU time is twice the wall time because the second thread
-spin-waits through the serial parts). When other processes keep the cores
-busy, torch's OpenMP threads spin-wait at the end of every parallel op for a partner thread
-that is not scheduled, and the tens of thousands of small ops of this check then cost
-milliseconds each (row 6); on a shared box run with ``--threads 1`` or
-``OMP_WAIT_POLICY=PASSIVE`` (row 7: about one free core's worth of work). Before this work the sampling property alone needed tens of
-seconds (``circuit.sample`` on 3 x 1000 repeated rows: a bottom-up pass per row and
-(draws x layer width) masks per layer, about 12 ms of CPU per row). Now a row of ``log_prob``
-costs about 4.5 ms, a row of ``mpe`` about 25 ms (max-plus sums have no matrix-product form),
-and a draw about 1 ms plus 0.5 s per ``sample`` call (1024 positions of per-layer work).
+The goal (under 10 s on 2 cores) is met on 2 free cores (row 1: eight runs, each started after
+10 s of 99% idle, median 6.4 s; the CPU time is twice the wall time because the second thread
+spin-waits through the serial parts). When other processes keep the cores busy, torch's OpenMP
+threads spin-wait at the end of every parallel op for a partner thread that is not scheduled,
+and the tens of thousands of small ops of this check then cost milliseconds each (row 6); on a
+shared box run with ``--threads 1`` or ``OMP_WAIT_POLICY=PASSIVE`` (row 7: about one free
+core's worth of work). Before this work the sampling property alone needed tens of seconds
+(``circuit.sample`` on 3 x 1000 repeated rows: a bottom-up pass per row and (draws x layer
+width) masks per layer, about 12 ms of CPU per row). Now a row of ``log_prob`` costs about
+4.5 ms, a row of ``mpe`` about 25 ms (max-plus sums have no matrix-product form), and a draw
+about 1 ms plus 0.5 s per ``sample`` call (1024 positions of per-layer work).
 
 Run: ``OMP_NUM_THREADS=2 python benchmarks/bench_check_circuit.py``
 (``--properties normalisation,posterior`` to time a subset, ``--num-samples 100`` to scale
