@@ -40,19 +40,52 @@ class Chooser:
         """(count,) uniforms in [0, 1), or None for a deterministic chooser."""
         return None
 
-    def pick(self, logits: torch.Tensor, uniforms: torch.Tensor | None) -> torch.Tensor:
-        """(A,) chosen indices for ``logits`` (A, C) and ``uniforms`` (A,) or None."""
+    def pick(self, logits: torch.Tensor, uniforms: torch.Tensor | None,
+             rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(A,) chosen indices for ``logits`` (A, C) and ``uniforms`` (A,) or None; with
+        ``rows`` (A,), ``logits`` (R, C) is a table and choice ``a`` is made in its row
+        ``rows[a]`` (the same choice as from ``logits[rows]``)."""
         raise NotImplementedError
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        return self.pick(logits, self.uniforms(logits.shape[0]))
+    def __call__(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.pick(logits, self.uniforms(logits.shape[0] if rows is None else rows.shape[0]), rows)
 
 
 class ArgmaxChooser(Chooser):
     """The largest log-weight (MPE)."""
 
-    def pick(self, logits: torch.Tensor, uniforms: torch.Tensor | None) -> torch.Tensor:
-        return logits.argmax(-1)
+    def pick(self, logits: torch.Tensor, uniforms: torch.Tensor | None,
+             rows: torch.Tensor | None = None) -> torch.Tensor:
+        best = logits.argmax(-1)
+        return best if rows is None else best.index_select(0, rows)
+
+
+class ActiveNodes:
+    """The active nodes of one layer in the top-down pass: pairs of draw ``b`` (A,) and node
+    ``node`` (A,) (int64), sorted by (draw, node) without repeats."""
+
+    def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor]], width: int, device: torch.device):
+        """Join ``(draws, nodes)`` pairs activated by the layers above (a node activated twice
+        in one draw counts once) for a layer of ``width`` nodes."""
+        self.width = width
+        if not parts:
+            self.b = self.node = torch.zeros(0, dtype=torch.long, device=device)
+            return
+        keys = torch.unique(torch.cat([b * width + node for b, node in parts]))  # sorted
+        self.b, self.node = keys // width, keys % width
+
+    def within(self, start: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(draws, node - start) of the active nodes in ``[start, start + size)``, in order."""
+        if start == 0 and size == self.width:
+            return self.b, self.node
+        keep = (self.node >= start) & (self.node < start + size)
+        return self.b[keep], self.node[keep] - start
+
+
+def _value_rows(draws: torch.Tensor, rows: int) -> torch.Tensor:
+    """Rows of a top-down pass's inputs read by ``draws`` (A,): the inputs have one row per
+    draw, or (``rows`` = 1) one row shared by every draw."""
+    return draws if rows > 1 else torch.zeros_like(draws)
 
 
 def _register(module: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -87,7 +120,12 @@ class LayerOutputs(list):
 
 
 def read_columns(outputs: list[torch.Tensor], layer: int, start: int, length: int) -> torch.Tensor:
-    """Columns ``start:start+length`` of layer ``layer``'s output, without copying."""
+    """Columns ``start:start+length`` of layer ``layer``'s output, without copying (read
+    through ``outputs.columns`` when the outputs convert columns on demand, as the log-values
+    of :class:`pclayer.traversal.LayerValues` do)."""
+    columns = getattr(outputs, "columns", None)
+    if columns is not None:
+        return columns(layer, start, length)
     value = outputs[layer]
     if start == 0 and length == value.shape[1]:
         return value
@@ -162,17 +200,20 @@ class _Reader(nn.Module):
         common, factors, low = outputs.common_scale(self.source_layers)
         return self.gather(outputs.probs, factors), common, low
 
-    def scatter_active(self, active_z: torch.Tensor, active: list[torch.Tensor]) -> None:
-        """OR the active positions of ``z`` (B, M) into the source layers' masks."""
+    def scatter_active(self, b: torch.Tensor, position: torch.Tensor,
+                       pending: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """Hand the active positions of ``z`` (pairs of draw ``b`` and ``position``, (A,)
+        each) to the source layers, as (draws, nodes) pairs appended to ``pending[layer]``."""
         start = 0
         for i, layer in enumerate(self.source_layers):
             index = getattr(self, f"source_{i}")
-            part = active_z[:, start:start + index.numel()]
-            span = self.source_spans[i]
-            if span is not None:
-                active[layer].narrow(1, span[0], span[1]).logical_or_(part)
+            if len(self.source_layers) == 1:
+                draws, local = b, position
             else:
-                active[layer].index_copy_(1, index, active[layer].index_select(1, index) | part)
+                keep = (position >= start) & (position < start + index.numel())
+                draws, local = b[keep], position[keep] - start
+            span = self.source_spans[i]
+            pending[layer].append((draws, local + span[0] if span is not None else index.index_select(0, local)))
             start += index.numel()
 
 
@@ -380,18 +421,20 @@ class InputLayer(nn.Module):
             return table[shared].index_select(0, node)
         return table.reshape(-1, table.shape[-1]).index_select(0, bank * table.shape[1] + node)
 
-    def emit(self, active: torch.Tensor, tables: dict, x: torch.Tensor, missing: torch.Tensor | None,
+    def emit(self, active: ActiveNodes, batch: int, tables: dict, x: torch.Tensor, missing: torch.Tensor | None,
              evidence, chooser: Chooser, normals: Callable[[int], torch.Tensor] | None, num_cats: int,
              node_log_probs: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Values of the active input nodes (one per sample and variable).
+        """Values of the active input nodes (one per draw and variable) of ``batch`` draws.
 
         Returns ``(x_out (B, V), node (B, V) active input node index, node_log_probs (B, V, K)
         or None unless asked for)``; observed entries of ``x`` are kept, missing ones drawn by
         ``chooser`` (tabular inputs) or by the distribution (continuous inputs: draws from
-        ``normals``, modes without).
+        ``normals``, modes without). ``x``, ``missing`` and ``evidence`` have one row per draw
+        or one row shared by all.
         """
-        batch, num_vars = x.shape
-        x_out = x.clone()
+        num_vars = x.shape[1]
+        rows = x.shape[0]
+        x_out = x.expand(batch, -1).clone()
         node = torch.full((batch, num_vars), -1, dtype=torch.long, device=x.device)
         dtype = next(t for t in tables.values() if t.is_floating_point()).dtype
         node_logp = torch.full((batch, num_vars, max(num_cats, 1)), -torch.inf, dtype=dtype,
@@ -401,7 +444,7 @@ class InputLayer(nn.Module):
             var_of_group = getattr(self, f"var_{i}")
             n = bucket["num_nodes"]
             size = var_of_group.numel() * n
-            b, flat = active[:, start:start + size].nonzero(as_tuple=True)
+            b, flat = active.within(start, size)
             g, j = flat // n, flat % n
             var = var_of_group[g]
             bank = getattr(self, f"bank_{i}")[g]
@@ -412,7 +455,7 @@ class InputLayer(nn.Module):
             start += size
             if missing is None:  # nothing to draw
                 continue
-            draw = missing[b, var]
+            draw = missing[_value_rows(b, rows), var]
             b, var, bank, j = b[draw], var[draw], bank[draw], j[draw]
             if not distribution.tabular:
                 value = distribution.draw(tables[bucket["key"]][bank], j, None if normals is None else normals(len(j)))
@@ -421,29 +464,30 @@ class InputLayer(nn.Module):
                 k = bucket["num_cats"]
                 logp = self._node_rows(i, tables, bank, j)  # (A, K)
                 if isinstance(evidence, TopKEvidence):
-                    _emit_topk(x_out, b, var, logp, evidence, chooser)
+                    _emit_topk(x_out, b, _value_rows(b, rows), var, logp, evidence, chooser)
                 else:
                     if evidence is not None:
-                        logp = logp + evidence.reshape(batch * num_vars, -1).index_select(0, b * num_vars + var)[:, :k]
+                        read = _value_rows(b, rows) * num_vars + var
+                        logp = logp + evidence.reshape(rows * num_vars, -1).index_select(0, read)[:, :k]
                     x_out[b, var] = chooser(logp).to(x_out.dtype)
         return x_out, node, node_logp
 
 
-def _emit_topk(x_out: torch.Tensor, b: torch.Tensor, var: torch.Tensor, logp: torch.Tensor,
+def _emit_topk(x_out: torch.Tensor, b: torch.Tensor, eb: torch.Tensor, var: torch.Tensor, logp: torch.Tensor,
                evidence: TopKEvidence, chooser: Chooser) -> None:
     """Draw the values of active tabular inputs ``(b, var)`` (A,) with rows ``logp`` (A, K)
-    under top-k evidence into ``x_out``: among the k candidates (sorted by category, so
-    inverse-CDF draws match the dense evidence's), or among all categories where the variable
-    is ``free``."""
-    free = evidence.free[b, var] if evidence.free is not None else torch.zeros_like(b, dtype=torch.bool)
+    under top-k evidence (its rows ``eb`` (A,)) into ``x_out``: among the k candidates (sorted
+    by category, so inverse-CDF draws match the dense evidence's), or among all categories
+    where the variable is ``free``."""
+    free = evidence.free[eb, var] if evidence.free is not None else torch.zeros_like(b, dtype=torch.bool)
     uniforms = chooser.uniforms(len(b))  # one per row, in row order, whichever group it falls in
     for rows, sparse in ((~free, True), (free, False)):
         if not bool(rows.any()):
             continue
         u = None if uniforms is None else uniforms[rows]
         if sparse:
-            candidates = evidence.indices[b[rows], var[rows]]  # (R, k)
-            logits = logp[rows].gather(1, candidates) + evidence.values[b[rows], var[rows]]
+            candidates = evidence.indices[eb[rows], var[rows]]  # (R, k)
+            logits = logp[rows].gather(1, candidates) + evidence.values[eb[rows], var[rows]]
             chosen = candidates.gather(1, chooser.pick(logits, u).unsqueeze(1)).squeeze(1)
         else:
             chosen = chooser.pick(logp[rows], u)
@@ -576,12 +620,15 @@ class ProductLayer(_Reader):
             return checked((a * b).reshape(z.shape[0], self.num_nodes), scale, low * low)
         return checked(_multiply([self.child_column(z, f) for f in range(self.fan_in)]), scale, low ** self.fan_in)
 
-    def select(self, active: torch.Tensor, outputs: list[torch.Tensor], tables: dict, chooser: Chooser) -> torch.Tensor:
-        """Active positions of ``z`` (B, M): every child of an active product is active."""
-        active_z = active.new_zeros(active.shape[0], self.width + 1)
-        b, j = active.nonzero(as_tuple=True)
-        active_z[b[:, None], self.child_index[j]] = True
-        return active_z[:, : self.width]
+    def select(self, active: ActiveNodes, outputs: list[torch.Tensor], tables: dict,
+               chooser: Chooser) -> tuple[torch.Tensor, torch.Tensor]:
+        """Active positions of ``z`` as (draws, positions) pairs: every child of an active product."""
+        children = self.child_index.index_select(0, active.node)  # (A, F)
+        b = active.b.unsqueeze(1).expand_as(children)
+        if self.padded:  # padding positions (= width) are not nodes
+            keep = children < self.width
+            return b[keep], children[keep]
+        return b.reshape(-1), children.reshape(-1)
 
 
 class SumLayer(_Reader):
@@ -699,35 +746,41 @@ class SumLayer(_Reader):
             result.view(batch, groups, n).copy_(s.transpose(0, 1))
         return checked(result, None if common is None else common * 2, low * low * CONVEX_SLACK, owned=workspace.enabled)
 
-    def select(self, active: torch.Tensor, outputs: list[torch.Tensor], logweights: dict, chooser: Chooser) -> torch.Tensor:
-        """Active positions of ``z`` (B, M): each active sum node picks one child with
-        probability proportional to weight times child value (or the best one for MPE);
-        ``outputs`` are log-values."""
+    def select(self, active: ActiveNodes, outputs: list[torch.Tensor], logweights: dict,
+               chooser: Chooser) -> tuple[torch.Tensor, torch.Tensor]:
+        """Active positions of ``z`` as (draws, positions) pairs: each active sum node picks
+        one child with probability proportional to weight times child value (or the best one
+        for MPE); ``outputs`` are log-values, one row per draw or one row shared by all."""
         z = self.gather(outputs)
-        batch = z.shape[0]
-        active_z = active.new_zeros(batch, self.width + 1)
+        picked = []
         start = 0
         for i, spec in enumerate(self.dense):
             x = self.dense_inputs(i, z)
             logw = self.dense_logw(i, logweights, True)
             n = logw.shape[1]
             size = spec["groups"] * n
-            b, flat = active[:, start:start + size].nonzero(as_tuple=True)
+            b, flat = active.within(start, size)
             g, j = (torch.zeros_like(flat), flat) if spec["groups"] == 1 else (flat // n, flat % n)
-            rows = logw[0].index_select(0, j) if logw.shape[0] == 1 else logw.reshape(-1, logw.shape[-1]).index_select(0, flat)
-            chosen = chooser(rows + x.reshape(-1, x.shape[-1]).index_select(0, b * x.shape[1] + g))
-            active_z[b, getattr(self, f"dense_children_{i}")[g, chosen]] = True
+            if z.shape[0] == 1 and spec["groups"] * n <= len(b):  # shared values, more draws than nodes:
+                table = (logw + x[0].unsqueeze(1)).reshape(-1, logw.shape[-1])  # one distribution per node
+                chosen = chooser(table, flat)
+            else:
+                rows = logw[0].index_select(0, j) if logw.shape[0] == 1 else logw.reshape(-1, logw.shape[-1]).index_select(0, flat)
+                chosen = chooser(rows + x.reshape(-1, x.shape[-1]).index_select(0, _value_rows(b, z.shape[0]) * x.shape[1] + g))
+            picked.append((b, getattr(self, f"dense_children_{i}")[g, chosen]))
             start += size
         if self.sparse:
-            zp = torch.cat([z, z.new_full((batch, 1), -torch.inf)], dim=1)
+            zp = torch.cat([z, z.new_full((z.shape[0], 1), -torch.inf)], dim=1)
             for i, spec in enumerate(self.sparse):
                 children = getattr(self, f"sparse_children_{i}")
                 size = children.shape[0]
-                b, j = active[:, start:start + size].nonzero(as_tuple=True)
-                chosen = chooser(logweights[spec["key"]][j] + zp[b[:, None], children[j]])
-                active_z[b, children[j, chosen]] = True
+                b, j = active.within(start, size)
+                chosen = chooser(logweights[spec["key"]][j] + zp[_value_rows(b, z.shape[0])[:, None], children[j]])
+                picked.append((b, children[j, chosen]))
                 start += size
-        return active_z[:, : self.width]
+        if len(picked) == 1:
+            return picked[0]
+        return torch.cat([b for b, _ in picked]), torch.cat([position for _, position in picked])
 
 
 def _group_major(z: torch.Tensor, index: torch.Tensor, groups: int, workspace: Workspace, name: str,

@@ -3,7 +3,9 @@
 Starting from the root, every active sum node activates one child (drawn in proportion
 to weight times bottom-up child value, or the best one for MPE) and every active
 product node activates all of its children. Active input nodes then emit values: one
-per sample and variable in a smooth, decomposable circuit.
+per sample and variable in a smooth, decomposable circuit. The active nodes of a layer
+are kept as (draw, node) pairs (:class:`pclayer.layers.ActiveNodes`), so the pass costs
+what the active nodes need, not the layer width times the draws.
 """
 
 from __future__ import annotations
@@ -12,15 +14,19 @@ from collections.abc import Callable
 
 import torch
 
-from pclayer.layers import Chooser
+from pclayer.layers import ActiveNodes, Chooser
 from pclayer.traversal import LayerValues
 
 
 def top_down(circuit, values: LayerValues, tables: dict[str, torch.Tensor], x: torch.Tensor,
              missing: torch.Tensor | None, evidence: torch.Tensor | None, chooser: Chooser,
              normals: Callable[[int], torch.Tensor] | None,
-             node_log_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+             node_log_probs: bool = False, draws: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Run the top-down pass over bottom-up ``values`` (log-values read per layer).
+
+    ``values``, ``x``, ``missing`` and ``evidence`` have one row per draw, or one row shared
+    by all ``draws`` (default: one draw per row of ``x``).
 
     Args:
         chooser: picks one child per active sum node and one value per missing tabular
@@ -32,14 +38,16 @@ def top_down(circuit, values: LayerValues, tables: dict[str, torch.Tensor], x: t
         ``(x_out (B, V), node (B, V), node_log_probs (B, V, K))`` as in
         :meth:`pclayer.layers.InputLayer.emit`.
     """
-    batch = x.shape[0]
-    active = [torch.zeros(batch, width, dtype=torch.bool, device=x.device) for width in circuit.layer_widths]
+    batch = x.shape[0] if draws is None else draws
+    device = x.device
+    pending: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in circuit.layer_widths]
     root_layer, root_index = circuit.root
-    active[root_layer][:, root_index] = True
+    pending[root_layer].append((torch.arange(batch, device=device), torch.full((batch,), root_index, device=device)))
     layers = circuit.layer_sequence
     for index in range(len(layers) - 1, 0, -1):
-        layer = layers[index]
-        active_z = layer.select(active[index], values, tables, chooser)
-        layer.scatter_active(active_z, active)
-    return layers[0].emit(active[0], tables, x, missing, evidence, chooser, normals, circuit.num_cats,
-                                  node_log_probs)
+        active = ActiveNodes(pending[index], circuit.layer_widths[index], device)
+        pending[index] = []
+        b, position = layers[index].select(active, values, tables, chooser)
+        layers[index].scatter_active(b, position, pending)
+    active = ActiveNodes(pending[0], circuit.layer_widths[0], device)
+    return layers[0].emit(active, batch, tables, x, missing, evidence, chooser, normals, circuit.num_cats, node_log_probs)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from pclayer.layers import LayerOutputs, ScaledOutputs
+from pclayer.layers import LayerOutputs, ScaledOutputs, read_columns
 from pclayer.representations import LOG_SUM, SCALED, ScaledValue, log_values, rescaled
 from pclayer.runtime import DISABLED, Workspace
 from pclayer.tables import Tables
@@ -31,6 +31,7 @@ class LayerValues:
         self.scaled = scaled
         self.logged = logged
         self.converted: dict[int, torch.Tensor] = {}
+        self.pieces: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def __getitem__(self, layer: int) -> torch.Tensor:
         """(B, n) log-values of ``layer`` (converted from linear space once, then kept)."""
@@ -40,6 +41,22 @@ class LayerValues:
         if value is None:
             value = log_values(self.scaled.probs[layer], self.scaled.scales[layer])
             self.converted[layer] = value
+        return value
+
+    def columns(self, layer: int, start: int, length: int) -> torch.Tensor:
+        """(B, length) log-values of columns ``start:start+length`` of ``layer``: only those
+        columns are converted from linear space (once), so a reader of a few columns of a
+        wide layer (an input layer) does not convert all of it."""
+        whole = self.logged.get(layer)
+        if whole is None:
+            whole = self.converted.get(layer)
+        if whole is not None:
+            return whole if start == 0 and length == whole.shape[1] else whole.narrow(1, start, length)
+        key = (layer, start, length)
+        value = self.pieces.get(key)
+        if value is None:
+            value = log_values(read_columns(self.scaled.probs, layer, start, length), self.scaled.scales[layer])
+            self.pieces[key] = value
         return value
 
     def root(self, circuit) -> torch.Tensor:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from cuda_emulation.runner import EmulatorRunner
 from pclayer.cuda import ops
+from pclayer.ops import dispatch
 from pclayer.ops.inverse_cdf import inverse_cdf
 from pclayer.ops.log_matmul_exp import log_matmul_exp
 from pclayer.ops.masked_logsumexp import masked_logsumexp
@@ -127,6 +128,21 @@ def test_inverse_cdf_chooses_identically_for_identical_uniforms(rows, cols, dtyp
     expected = inverse_cdf(logits, uniforms)
     for order in ORDERS:
         assert torch.equal(ops.inverse_cdf(runner(order), logits, uniforms), expected)
+
+
+@given(st.integers(1, 40), st.integers(0, 300), st.integers(1, 12), DTYPES, st.sampled_from([0.0, 0.4, 1.0]),
+       st.integers(0, 2**31))
+def test_inverse_cdf_over_table_rows_chooses_as_over_the_gathered_rows(table_rows, draws, cols, dtype, neg_inf, seed):
+    """Many draws from a few distributions (a table and a row per draw) choose exactly what
+    the same draws from the gathered rows choose, on the torch path and the dispatched one."""
+    g = torch.Generator().manual_seed(seed)
+    table = _log_values(g, (table_rows, cols), dtype, 50.0, neg_inf)
+    rows = torch.randint(0, table_rows, (draws,), generator=g)
+    uniforms = torch.rand(draws, generator=g, dtype=dtype)
+    uniforms[: draws // 10] = torch.tensor([0.0, 1.0], dtype=dtype).repeat(draws)[: draws // 10]
+    expected = inverse_cdf(table.index_select(0, rows), uniforms)
+    assert torch.equal(inverse_cdf(table, uniforms, rows), expected)
+    assert torch.equal(dispatch.inverse_cdf(table, uniforms, rows=rows), expected)
 
 
 def test_empty_inputs_launch_nothing():

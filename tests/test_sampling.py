@@ -234,3 +234,38 @@ def test_samples_of_random_circuits_are_possible_and_keep_observed_values(root, 
     np.testing.assert_array_equal(node_var[node], np.broadcast_to(np.arange(len(var_cats)), samples.shape))
     picked = np.take_along_axis(node_logp, samples[..., None], axis=-1)[..., 0]
     assert np.all(picked > -np.inf)
+
+
+@given(circuits(), st.data())
+def test_draws_under_one_shared_row_equal_draws_under_the_repeated_row(root, data):
+    """``sample(n, x=row)`` runs the bottom-up pass once for the shared row; with the same
+    generator it draws exactly what the row repeated n times draws."""
+    x, missing, weights = data.draw(evidence(root, batch=1))
+    if not reference.log_prob(root, x, missing, weights)[0] > -np.inf:
+        return
+    circuit = pc.compile(root, dtype=torch.float64)
+    row = [None if a is None else torch.as_tensor(a) for a in (x, missing, weights)]
+    repeated = [None if a is None else a.expand(7, *a.shape[1:]) for a in row]
+    shared = circuit.sample(7, x=row[0], missing=row[1], soft_evidence=row[2],
+                            generator=torch.Generator().manual_seed(3), return_nodes=True)
+    apart = circuit.sample(x=repeated[0], missing=repeated[1], soft_evidence=repeated[2],
+                           generator=torch.Generator().manual_seed(3), return_nodes=True)
+    for a, b in zip(shared, apart):
+        assert torch.equal(a, b)
+
+
+def test_draws_under_one_shared_row_of_topk_evidence_equal_draws_under_the_repeated_row():
+    circuit = pc.compile(pc.structures.hmm(6, 3, 5, seed=2), dtype=torch.float64)
+    values = torch.randn(1, 6, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    indices = torch.tensor([[[0, 3], [1, 2], [4, 0], [2, 3], [1, 4], [0, 1]]])
+    free = torch.tensor([[False, True, False, False, True, False]])
+    x = torch.tensor([[0, 1, 0, 2, 0, 0]])
+    missing = torch.tensor([[True, True, False, True, True, True]])
+    evidence = pc.TopKEvidence(values, indices, free)
+    shared = circuit.sample(40, x=x, missing=missing, soft_evidence=evidence, generator=torch.Generator().manual_seed(1))
+    apart = circuit.sample(x=x.expand(40, -1), missing=missing.expand(40, -1), soft_evidence=evidence.expand(40),
+                           generator=torch.Generator().manual_seed(1))
+    assert torch.equal(shared, apart)
+    unconditional = circuit.sample(40, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(unconditional, circuit.sample(x=torch.zeros(40, 6, dtype=torch.long), missing=torch.ones(40, 6, dtype=torch.bool),
+                                                     generator=torch.Generator().manual_seed(2)))

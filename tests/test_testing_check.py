@@ -115,8 +115,8 @@ class SamplerIgnoresEvidence(Wrapper):
     def sample(self, num_samples=None, *, x=None, missing=None, soft_evidence=None, generator=None):
         if x is None:
             return self.inner.sample(num_samples, soft_evidence=soft_evidence, generator=generator)
-        drawn = self.inner.sample(x.shape[0], generator=generator)
-        return torch.where(missing, drawn, x) if missing is not None else x.clone()
+        drawn = self.inner.sample(x.shape[0] if num_samples is None else num_samples, generator=generator)
+        return torch.where(missing, drawn, x) if missing is not None else x.expand_as(drawn).clone()
 
 
 class FlowWithWrongSign(Wrapper):
@@ -231,3 +231,30 @@ def test_random_correct_circuits_pass(root):
 @given(deterministic_circuits())
 def test_random_deterministic_circuits_pass_with_exact_mpe(root):
     check_circuit(pc.compile(root, dtype=torch.float64), num_samples=300, mpe="exact")
+
+
+def test_sampling_power_is_the_noncentral_chi_square_power():
+    """The default number of draws comes from the power of Pearson's test against a
+    deviation of total variation 0.25 (noncentrality >= 4 n TV^2), checked against scipy."""
+    from scipy import stats
+
+    from pclayer.testing.check import _detectable_deviation, _detection_probability, _samples_for
+
+    for samples, deviation, level, dof in ((300, 0.25, 1e-4 / 18, 15), (50, 0.4, 1e-3, 7), (1000, 0.1, 1e-6, 3)):
+        expected = stats.ncx2.sf(stats.chi2.isf(level, dof), dof, 4 * samples * deviation ** 2)
+        assert _detection_probability(samples, deviation, level, dof) == pytest.approx(expected, abs=1e-9)
+    n = _samples_for(0.25, 1e-4 / 18, 15)
+    assert _detection_probability(n, 0.25, 1e-4 / 18, 15) >= 0.99 > _detection_probability(n - 1, 0.25, 1e-4 / 18, 15)
+    assert _detectable_deviation(n, 1e-4 / 18, 15) == pytest.approx(0.25, abs=1e-3)
+
+
+def test_report_states_what_each_property_subsampled():
+    report = check_circuit(pc.compile(_chain(6), dtype=torch.float64), max_enumeration=1)
+    assert set(report.notes) == set(PROPERTIES) - {"normalisation"}
+    assert "300 draws in each of 3 settings" in report.notes["sampling"]
+    assert "total variation 0.25" in report.notes["sampling"]
+    assert report.notes["sampling"] in report.summary()
+    smaller = check_circuit(pc.compile(_chain(6), dtype=torch.float64), max_enumeration=1, num_samples=100,
+                            properties=["sampling"])
+    assert "100 draws in each of 3 settings" in smaller.notes["sampling"]
+    assert "total variation 0.25 " not in smaller.notes["sampling"]  # fewer draws detect only larger deviations

@@ -173,16 +173,24 @@ def categorical_topk_evidence(values: torch.Tensor, indices: torch.Tensor, log_t
     return _torch_topk(values, indices, log_table)
 
 
-def inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor, backend: Backend = "auto", record: object | None = None) -> torch.Tensor:
+def inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor, backend: Backend = "auto", record: object | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
     """Top-down sampling choice: index per row of logits (A, C) by inverse CDF with uniforms (A,)
-    in [0, 1]; kernel and torch path choose identically for identical uniforms. Returns (A,) int64."""
+    in [0, 1]; kernel and torch path choose identically for identical uniforms. With ``rows``
+    (A,) int64, ``logits`` (R, C) is a table and draw ``a`` uses its row ``rows[a]`` (the
+    choice of ``inverse_cdf(logits[rows], uniforms)``). Returns (A,) int64."""
     _check_float("logits", logits, 2)
-    if not isinstance(uniforms, torch.Tensor) or uniforms.shape != logits.shape[:1]:
-        raise ValueError(f"uniforms: expected shape ({logits.shape[0]},), got {getattr(uniforms, 'shape', uniforms)}")
-    if uniforms.numel() and bool(((uniforms < 0) | (uniforms > 1) | uniforms.isnan()).any()):
-        raise ValueError("uniforms: expected values in [0, 1] without NaN")
+    draws = logits.shape[0] if rows is None else rows.shape[0]
+    if rows is not None and (rows.dtype != torch.int64 or rows.dim() != 1):
+        raise ValueError(f"rows: expected a 1-d int64 tensor, got {rows.dtype} of shape {tuple(rows.shape)}")
+    if not isinstance(uniforms, torch.Tensor) or uniforms.shape != (draws,):
+        raise ValueError(f"uniforms: expected shape ({draws},), got {getattr(uniforms, 'shape', uniforms)}")
+    if uniforms.numel():
+        low, high = torch.aminmax(uniforms)  # NaN makes both comparisons false
+        if not (bool(low >= 0) and bool(high <= 1)):
+            raise ValueError("uniforms: expected values in [0, 1] without NaN")
     if choose_backend(backend, "inverse_cdf", (logits, uniforms), record=record) == "cuda":  # an index has no gradient
         from pclayer.cuda import ops
 
-        return ops.inverse_cdf(_runner(), logits.detach(), uniforms)
-    return _torch_inverse_cdf(logits, uniforms)
+        return ops.inverse_cdf(_runner(), (logits if rows is None else logits.index_select(0, rows)).detach(), uniforms)
+    return _torch_inverse_cdf(logits, uniforms, rows)

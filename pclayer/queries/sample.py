@@ -39,35 +39,48 @@ class _InverseCDF(Chooser):
     def uniforms(self, count: int) -> torch.Tensor:
         return torch.rand(count, generator=self.generator, dtype=self.dtype, device=self.device)
 
-    def pick(self, logits: torch.Tensor, uniforms: torch.Tensor | None) -> torch.Tensor:
-        return dispatch.inverse_cdf(logits, uniforms, backend=self.runtime.backend, record=self.runtime)
+    def pick(self, logits: torch.Tensor, uniforms: torch.Tensor | None,
+             rows: torch.Tensor | None = None) -> torch.Tensor:
+        return dispatch.inverse_cdf(logits, uniforms, backend=self.runtime.backend, record=self.runtime, rows=rows)
+
+
+def _rows(value: torch.Tensor | TopKEvidence | None) -> int | None:
+    if isinstance(value, TopKEvidence):
+        return value.values.shape[0] if isinstance(value.values, torch.Tensor) else None
+    return value.shape[0] if isinstance(value, torch.Tensor) else None
 
 
 def _batch(circuit, num_samples: int | None, x: torch.Tensor | None, missing: torch.Tensor | None,
-           soft_evidence: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+           soft_evidence: torch.Tensor | TopKEvidence | None
+           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | TopKEvidence | None, int]:
+    """The query inputs and the number of draws. Inputs have one row per draw, or a single
+    row shared by every draw (unconditional sampling, or ``num_samples`` draws under one row
+    of evidence): the bottom-up pass then runs on that row once."""
     if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
         raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
     if x is None:
         if missing is not None:
             raise ValueError("missing: only meaningful together with x")
-        batch = num_samples if num_samples is not None else (
-            soft_evidence.shape[0] if isinstance(soft_evidence, (torch.Tensor, TopKEvidence)) else None)
+        batch = num_samples if num_samples is not None else _rows(soft_evidence)
         if batch is None:
             raise ValueError("num_samples: expected a positive int when x and soft_evidence are not given")
         dtype = circuit.dtype if circuit.has_continuous else torch.long
-        x = torch.zeros(batch, circuit.num_vars, dtype=dtype, device=circuit.device)
-        missing = torch.ones_like(x, dtype=torch.bool)
-        return x, missing, soft_evidence
-    if num_samples is not None and isinstance(x, torch.Tensor) and x.shape[0] != num_samples:
-        if x.shape[0] != 1:
-            raise ValueError(f"num_samples: x has {x.shape[0]} rows; expected num_samples equal to that or x with one row")
-        x = x.expand(num_samples, -1)
-        missing = missing.expand(num_samples, -1) if isinstance(missing, torch.Tensor) else missing
-        if isinstance(soft_evidence, TopKEvidence):
-            soft_evidence = soft_evidence.expand(num_samples)
-        elif isinstance(soft_evidence, torch.Tensor):
-            soft_evidence = soft_evidence.expand(num_samples, -1, -1)
-    return x, missing, soft_evidence
+        rows = 1 if soft_evidence is None else batch
+        x = torch.zeros(rows, circuit.num_vars, dtype=dtype, device=circuit.device)
+        return x, torch.ones_like(x, dtype=torch.bool), soft_evidence, batch
+    if num_samples is None or not isinstance(x, torch.Tensor) or x.shape[0] == num_samples:
+        return x, missing, soft_evidence, x.shape[0] if isinstance(x, torch.Tensor) else 0
+    if x.shape[0] != 1:
+        raise ValueError(f"num_samples: x has {x.shape[0]} rows; expected num_samples equal to that or x with one row")
+    if _rows(soft_evidence) in (None, 1) and _rows(missing) in (None, 1):  # one row shared by the draws
+        return x, missing, soft_evidence, num_samples
+    x = x.expand(num_samples, -1)
+    missing = missing.expand(num_samples, -1) if isinstance(missing, torch.Tensor) else missing
+    if isinstance(soft_evidence, TopKEvidence):
+        soft_evidence = soft_evidence.expand(num_samples)
+    elif isinstance(soft_evidence, torch.Tensor):
+        soft_evidence = soft_evidence.expand(num_samples, -1, -1)
+    return x, missing, soft_evidence, num_samples
 
 
 @torch.no_grad()
@@ -79,7 +92,9 @@ def sample(circuit, num_samples: int | None = None, *, x: torch.Tensor | None = 
 
     Args:
         num_samples: number of samples when ``x`` is omitted (all variables drawn), or to
-            repeat a single-row ``x``.
+            repeat a single-row ``x``. Draws that share one row of evidence (unconditional
+            draws, or a single-row ``x`` with single-row ``missing`` and ``soft_evidence``)
+            share one bottom-up pass: only the top-down pass runs per draw.
         x: (B, num_vars) values; entries with ``missing`` True are drawn, others kept.
         missing: (B, num_vars) bool; default nothing missing (then ``x`` comes back as is).
         soft_evidence: (B, num_vars, num_cats) log-weights multiplied into the distribution,
@@ -94,7 +109,7 @@ def sample(circuit, num_samples: int | None = None, *, x: torch.Tensor | None = 
     Raises:
         ZeroProbabilityError: for rows whose evidence has probability zero.
     """
-    x, missing, soft_evidence = _batch(circuit, num_samples, x, missing, soft_evidence)
+    x, missing, soft_evidence, draws = _batch(circuit, num_samples, x, missing, soft_evidence)
     ev = prepare(circuit, x, missing, soft_evidence)
     tables = circuit.tables()
     values = circuit.evaluate(SCALED, ev.x, ev.missing, ev.soft_evidence, tables, keep=True)
@@ -107,8 +122,8 @@ def sample(circuit, num_samples: int | None = None, *, x: torch.Tensor | None = 
         return torch.randn(count, generator=generator, dtype=dtype, device=device)
 
     x_out, node, node_logp = top_down(circuit, values, tables.log, ev.x, ev.missing, ev.soft_evidence,
-                                      chooser, normals, node_log_probs=return_nodes)
-    x_out = torch.where(missing, x_out.to(x.dtype), x) if missing is not None else x.clone()
+                                      chooser, normals, node_log_probs=return_nodes, draws=draws)
+    x_out = torch.where(missing, x_out.to(x.dtype), x) if missing is not None else x.expand(draws, -1).clone()
     if return_nodes:
         return SampleResult(x_out, node, node_logp)
     return x_out

@@ -25,14 +25,22 @@ Properties (the names used in the error report):
   with the others fixed returns the same values. With ``mpe="exact"`` (the argmax of
   ``log_prob``) the decoding is at least as likely as random completions and as every
   single-variable change, and (small joint) as every completion.
-* ``sampling``: unconditional samples, samples conditioned on evidence, and samples under
-  evidence plus soft evidence match one-variable and two-variable marginals computed with
-  ``log_prob`` (Pearson chi-square on at most 8 value bins per variable, 4 x 4 per pair;
-  bins are sets of values selected by soft evidence of ``-inf`` outside them); conditional
-  samples keep the observed values; no sample has probability zero. All chi-square tests
-  share the false-alarm rate ``alpha`` (Bonferroni), so a correct circuit fails this
-  property with probability at most ``alpha`` (and, with a fixed ``seed``, never changes
-  its verdict from run to run).
+* ``sampling``: three settings, each one ``circuit.sample(num_samples, ...)`` call under one
+  row of evidence (as a user draws many samples for one query): unconditional, conditioned on
+  evidence, and conditioned on evidence plus soft evidence. Their draws match one-variable
+  marginals of 4 random missing variables and two-variable marginals of 2 pairs of them,
+  computed with ``log_prob`` (Pearson chi-square on at most 8 value bins per variable, 4 x 4
+  per pair; bins are sets of values selected by soft evidence of ``-inf`` outside them; with
+  a small joint, the unconditional draws also match the whole joint); they keep the observed
+  values, and the first 16 draws of each setting have positive probability. One more call
+  draws once per row of a batch of different evidence rows (kept values, positive
+  probability). All chi-square tests share the false-alarm rate ``alpha`` (Bonferroni), so a
+  correct circuit fails this property with probability at most ``alpha`` (up to the
+  chi-square approximation of Pearson's statistic, cells pooled to expected counts of at
+  least 5; with a fixed ``seed`` the verdict never changes from run to run). The default
+  ``num_samples`` is the fewest draws with which each test detects, with probability 0.99,
+  a marginal off by total variation 0.25 over its cells; the report states the deviation
+  detected at the number used.
 * ``flows``: gradients of ``log_prob`` with respect to soft evidence, and to a few
   parameters when the circuit has ``parameters()``, equal central finite differences.
 """
@@ -55,6 +63,10 @@ _BINS = 8  # value bins per variable in the one-variable chi-square tests
 _PAIR_BINS = 4  # ... and per variable in the two-variable tests
 _MIN_EXPECTED = 5.0  # smallest expected count of a chi-square cell (smaller ones are pooled)
 _CHUNK = 256  # rows per query call
+_TESTED_VARIABLES = 4  # missing variables per sampling setting with a one-variable test (paired for the two-variable tests)
+_DEVIATION = 0.25  # total variation over a test's cells that the default num_samples detects ...
+_POWER = 0.99  # ... with this probability
+_POSSIBLE = 16  # samples per sampling setting whose probability is checked to be positive
 
 
 @dataclass
@@ -65,17 +77,20 @@ class CheckReport:
         comparisons: number of comparisons (or chi-square tests) made per property.
         timings: wall-clock seconds per property.
         skipped: properties not run, with the reason.
+        notes: per property, what was subsampled and what the tests can detect.
         seconds: wall-clock time of the whole check.
     """
 
     comparisons: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
     def summary(self) -> str:
-        """One readable line per property."""
+        """One readable line per property (with its note)."""
         lines = [f"{name}: {count} comparisons passed in {self.timings.get(name, 0.0):.2f} s"
+                 + (f" ({self.notes[name]})" if name in self.notes else "")
                  for name, count in self.comparisons.items()]
         lines += [f"{name}: skipped ({reason})" for name, reason in self.skipped.items()]
         return "\n".join(lines + [f"total time: {self.seconds:.2f} s"])
@@ -101,10 +116,54 @@ def _chi2_pvalue(statistic: float, dof: int) -> float:
                                          torch.tensor(statistic / 2, dtype=torch.float64)))
 
 
+def _chi2_quantile(level: float, dof: int) -> float:
+    """The statistic whose upper-tail probability is ``level`` (bisection)."""
+    low, high = 0.0, float(dof) + 10.0
+    while _chi2_pvalue(high, dof) > level:
+        high *= 2
+    for _ in range(100):
+        middle = (low + high) / 2
+        low, high = (middle, high) if _chi2_pvalue(middle, dof) > level else (low, middle)
+    return high
+
+
+def _detection_probability(samples: int, deviation: float, level: float, dof: int) -> float:
+    """Probability that a Pearson test with ``dof`` degrees of freedom at ``level`` rejects
+    when the sampled cell probabilities differ from the expected ones by total variation
+    ``deviation``: the statistic is then about noncentral chi-square with noncentrality
+    ``samples * chi2-divergence >= samples * 4 * deviation**2`` (a Poisson mixture of central
+    chi-square tails)."""
+    half = 2.0 * samples * deviation ** 2  # noncentrality / 2
+    terms = torch.arange(int(half + 12 * math.sqrt(half) + 40), dtype=torch.float64)
+    weights = torch.exp(terms * math.log(half) - half - torch.lgamma(terms + 1)) if half > 0 else (terms == 0).double()
+    critical = torch.tensor(_chi2_quantile(level, dof) / 2, dtype=torch.float64)
+    return float((weights * torch.special.gammaincc(dof / 2 + terms, critical)).sum())
+
+
+def _samples_for(deviation: float, level: float, dof: int) -> int:
+    """Fewest samples with which such a test detects ``deviation`` with probability :data:`_POWER`."""
+    low, high = 1, 16
+    while _detection_probability(high, deviation, level, dof) < _POWER:
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if _detection_probability(middle, deviation, level, dof) < _POWER else (low, middle)
+    return high
+
+
+def _detectable_deviation(samples: int, level: float, dof: int) -> float:
+    """Smallest total variation detected with probability :data:`_POWER` from ``samples``."""
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if _detection_probability(samples, middle, level, dof) < _POWER else (low, middle)
+    return high
+
+
 class _Checker:
     """Runs the properties of :func:`check_circuit` and collects violations."""
 
-    def __init__(self, circuit: object, seed: int, rows: int, num_samples: int, alpha: float, mpe: str,
+    def __init__(self, circuit: object, seed: int, rows: int, num_samples: int | None, alpha: float, mpe: str,
                  max_enumeration: int):
         self.circuit = circuit
         self.rng = np.random.default_rng(seed)
@@ -134,7 +193,12 @@ class _Checker:
             grids = np.meshgrid(*[np.arange(k) for k in self.var_cats], indexing="ij")
             self.assignments = np.stack([g.ravel() for g in grids], axis=1).astype(np.int64)
             self.joint = self.log_prob(self.assignments)
-        self.evidence = self.evidence_rows(rows, soft=True)
+        x, missing, weights, self.evidence_values = self.evidence_rows(rows)
+        self.evidence = (x, missing, weights)
+        # up to two missing variables per evidence row, clamped to each value by the soft
+        # evidence and posterior properties (the same log_prob rows serve both)
+        self.picks = [[int(i) for i in self.rng.permutation(np.nonzero(m)[0])[:2]] for m in missing]
+        self._clamped: dict[tuple[int, int], np.ndarray] = {}
 
     # ---------------------------------------------------------------- helpers
 
@@ -176,20 +240,24 @@ class _Checker:
     def random_x(self, count: int) -> np.ndarray:
         return (self.rng.random((count, self.num_vars)) * self.var_cats[None]).astype(np.int64)
 
-    def evidence_rows(self, count: int, soft: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def evidence_rows(self, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``count`` rows of evidence of positive probability: random values with about half
-        the variables missing (samples of the circuit where random values are impossible)."""
+        the variables missing (samples of the circuit where random values are impossible) and
+        soft evidence; returns ``x`` (B, V), ``missing`` (B, V), ``weights`` (B, V, K) and
+        their ``log_prob`` (B,)."""
         x = self.random_x(count)
         missing = self.rng.random((count, self.num_vars)) < 0.5
-        weights = self.rng.normal(size=(count, self.num_vars, self.num_cats)) if soft else None
-        impossible = ~np.isfinite(self.log_prob(x, missing, weights))
+        weights = self.rng.normal(size=(count, self.num_vars, self.num_cats))
+        values = self.log_prob(x, missing, weights)
+        impossible = ~np.isfinite(values)
         for _ in range(3):
             if not impossible.any():
                 break
             n = int(impossible.sum())
             x[impossible] = self.random_x(n)
             missing[impossible] = self.rng.random((n, self.num_vars)) < 0.8
-            impossible = ~np.isfinite(self.log_prob(x, missing, weights))
+            values = self.log_prob(x, missing, weights)
+            impossible = ~np.isfinite(values)
         if impossible.any():  # sparse support: observe values the circuit itself draws
             try:
                 with torch.no_grad():
@@ -198,11 +266,20 @@ class _Checker:
                 x[impossible] = drawn.cpu().numpy().astype(np.int64)
             except ZeroProbabilityError:
                 pass
-            if weights is not None:
-                weights[impossible] = 0.0
-            impossible = ~np.isfinite(self.log_prob(x, missing, weights))
+            weights[impossible] = 0.0
+            values = self.log_prob(x, missing, weights)
+            impossible = ~np.isfinite(values)
         keep = ~impossible
-        return x[keep], missing[keep], None if weights is None else weights[keep]
+        return x[keep], missing[keep], weights[keep], values[keep]
+
+    def clamped(self, pairs: list[tuple[int, int]]) -> list[np.ndarray]:
+        """(k,) log_prob of evidence row ``b`` with its missing variable ``i`` observed at each
+        of its k values, per pair ``(b, i)``: one call for the pairs not computed before."""
+        x, missing, weights = self.evidence
+        todo = [pair for pair in dict.fromkeys(pairs) if pair not in self._clamped]
+        for pair, values in zip(todo, self.batched([self.clamp(x[b], missing[b], weights[b], i) for b, i in todo])):
+            self._clamped[pair] = values
+        return [self._clamped[pair] for pair in pairs]
 
     def batched(self, parts: list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]) -> list[np.ndarray]:
         """log_prob of several groups of rows in one call (soft evidence 0 where a group has none)."""
@@ -265,6 +342,9 @@ class _Checker:
         if self.small:
             parts += [(x, missing, None), (x, missing, weights)]
         values = self.batched(parts)
+        self.report.notes[name] = (f"{len(owners)} evidence rows, each with a random set B of 1 or 2 observed variables "
+                                   f"(at most 64 joint values) summed out" + ("; every evidence row against the enumerated "
+                                                                             "joint" if self.small else ""))
         for index, (b, chosen, wider) in enumerate(owners):
             lhs, rhs = float(values[2 * index][0]), float(_lse(values[2 * index + 1]))
             self.count(name)
@@ -293,36 +373,32 @@ class _Checker:
     def soft_evidence(self) -> None:
         name = "soft_evidence"
         x, missing, weights = self.evidence
-        parts, checks = [(x, missing, weights)], []
+        base = self.evidence_values
+        absent = [(b, picks[0]) for b, picks in enumerate(self.picks) if picks]
+        self.report.notes[name] = f"one random missing and one random observed variable in each of {len(x)} evidence rows"
+        for (b, i), values in zip(absent, self.clamped(absent)):
+            expected = float(_lse(values))
+            self.count(name)
+            if not self.close(base[b], expected):
+                self.fail(name, f"log_prob = {base[b]:.8g} but the log-sum-exp over the {self.var_cats[i]} values of "
+                                f"missing variable {i} gives {expected:.8g} at {self.describe(x[b], missing[b], weights[b])}")
+        present, parts = [], []
         for b in range(len(x)):
-            absent, present = np.nonzero(missing[b])[0], np.nonzero(~missing[b])[0]
-            if len(absent):
-                i = int(self.rng.choice(absent))
-                checks.append(("missing", b, i, len(parts)))
-                parts.append(self.clamp(x[b], missing[b], weights[b], i))
-            if len(present):
-                i = int(self.rng.choice(present))
+            observed = np.nonzero(~missing[b])[0]
+            if len(observed):
+                i = int(self.rng.choice(observed))
                 without = weights[b:b + 1].copy()
                 without[0, i] = 0.0
-                checks.append(("observed", b, i, len(parts)))
+                present.append((b, i))
                 parts.append((x[b:b + 1], missing[b:b + 1], without))
-        values = self.batched(parts)
-        base = values[0]
-        for kind, b, i, index in checks:
-            where = self.describe(x[b], missing[b], weights[b])
+        for (b, i), values in zip(present, self.batched(parts)):
+            reduced = float(values[0])
+            expected = reduced + weights[b, i, x[b, i]]
             self.count(name)
-            if kind == "missing":
-                expected = float(_lse(values[index]))
-                if not self.close(base[b], expected):
-                    self.fail(name, f"log_prob = {base[b]:.8g} but the log-sum-exp over the {self.var_cats[i]} values of "
-                                    f"missing variable {i} gives {expected:.8g} at {where}")
-            else:
-                reduced = float(values[index][0])
-                expected = reduced + weights[b, i, x[b, i]]
-                if not self.close(base[b], expected):
-                    self.fail(name, f"log_prob = {base[b]:.8g} but without the soft evidence of observed variable {i} it is "
-                                    f"{reduced:.8g}, which plus w[{i}, {x[b, i]}] = {weights[b, i, x[b, i]]:.6g} gives "
-                                    f"{expected:.8g}, at {where}")
+            if not self.close(base[b], expected):
+                self.fail(name, f"log_prob = {base[b]:.8g} but without the soft evidence of observed variable {i} it is "
+                                f"{reduced:.8g}, which plus w[{i}, {x[b, i]}] = {weights[b, i, x[b, i]]:.6g} gives "
+                                f"{expected:.8g}, at {self.describe(x[b], missing[b], weights[b])}")
 
     def posterior(self) -> None:
         name = "posterior"
@@ -334,13 +410,10 @@ class _Checker:
             return
         tol = 1e-9 if self.dtype == torch.float64 else 1e-4
         cats = np.arange(self.num_cats)[None, :] < self.var_cats[:, None]  # (V, K)
-        parts, ratios = [(x, missing, weights)], []
-        for b in range(len(x)):
-            for i in self.rng.permutation(np.nonzero(missing[b])[0])[:2]:
-                ratios.append((b, int(i), len(parts)))
-                parts.append(self.clamp(x[b], missing[b], weights[b], int(i)))
-        values = self.batched(parts)
-        base = values[0]
+        ratios = [(b, i) for b, picks in enumerate(self.picks) for i in picks]
+        base = self.evidence_values
+        self.report.notes[name] = (f"every variable's row on {len(x)} evidence rows; ratios of marginals for up to 2 random "
+                                   f"missing variables per row" + ("; every row against the enumerated joint" if self.small else ""))
         for b in range(len(x)):
             where = self.describe(x[b], missing[b], weights[b])
             sums = post[b].sum(-1)
@@ -367,9 +440,9 @@ class _Checker:
                     v = int(np.abs(expected - post[b]).max(-1).argmax())
                     self.fail(name, f"posterior of variable {v} is {_fmt(np.round(post[b, v], 6))} but the enumerated "
                                     f"joint gives {_fmt(np.round(expected[v], 6))} at {where}")
-        for b, i, index in ratios:
+        for (b, i), values in zip(ratios, self.clamped(ratios)):
             k = int(self.var_cats[i])
-            ratio = np.exp(values[index] - base[b])
+            ratio = np.exp(values - base[b])
             self.count(name)
             if np.abs(ratio - post[b, i, :k]).max() > tol + 10 * self.rtol:
                 self.fail(name, f"posterior of missing variable {i} is {_fmt(np.round(post[b, i, :k], 6))} but the "
@@ -420,6 +493,8 @@ class _Checker:
                 rows.append(decoded[b])
                 masks.append(mask)
                 owners.append(b)
+        self.report.notes["mpe"] = (f"{len(x)} evidence rows; per row, 2 random decoded variables alone and a random half "
+                                    f"of them decoded again")
         if not rows:
             return
         rows, masks, owners = np.stack(rows), np.stack(masks), np.array(owners)
@@ -459,6 +534,8 @@ class _Checker:
                 candidates = np.concatenate([candidates, self.assignments[consistent]])
             parts.append((candidates, None, np.repeat(weights[b:b + 1], len(candidates), 0)))
             owners.append(b)
+        self.report.notes["mpe"] = (f"{len(x)} evidence rows; per row, 16 random completions and every single-variable change "
+                                    f"of up to 64 missing variables" + ("; every completion (enumerated)" if self.small else ""))
         for (candidates, _, _), scores, b in zip(parts, self.batched(parts), owners):
             self.count(name, len(candidates))
             better = scores > value[b] + self.atol + self.rtol * abs(value[b])
@@ -485,35 +562,71 @@ class _Checker:
         out[var, ~keep] = -np.inf
         return out
 
+    def draw(self, name: str, label: str, count: int | None, x: np.ndarray, missing: np.ndarray,
+             weights: np.ndarray | None, generator: torch.Generator) -> np.ndarray | None:
+        """(count or B, V) draws of ``circuit.sample`` called as a user calls it: ``count``
+        draws under one row of evidence (``x``, ``missing`` (1, V), ``weights`` (1, V, K) or
+        None; a row with every variable missing and no weights is ``sample(count)``), or
+        one draw per row of ``x`` (B, V) when ``count`` is None. None after reporting a failure."""
+        xt, mt, wt = self._tensors(x, missing, weights)
+        if count is not None and missing.all() and weights is None:
+            call, args = "sample(num_samples)", {}
+        else:
+            call, args = "sample(x=...)", {"x": xt, "missing": mt, "soft_evidence": wt}
+        try:
+            with torch.no_grad():
+                drawn = self.circuit.sample(count, **args, generator=generator)
+        except ZeroProbabilityError as err:
+            self.fail(name, f"{call} raised {err} on evidence of positive probability ({label} sampling)")
+            return None
+        samples = drawn.detach().cpu().numpy().astype(np.int64)
+        expected = (len(x) if count is None else count, self.num_vars)
+        if samples.shape != expected:
+            self.fail(name, f"{call} returned shape {samples.shape}, expected {expected} ({label} sampling)")
+            return None
+        return samples
+
     def sampling(self) -> None:
         name = "sampling"
-        n = self.num_samples
+        generator = torch.Generator(device=self.device).manual_seed(self.seed)
         zeros = np.zeros((self.num_vars, self.num_cats))
         settings = [(np.zeros(self.num_vars, dtype=np.int64), np.ones(self.num_vars, dtype=bool), zeros, "unconditional")]
-        x, missing, _ = self.evidence
+        x, missing, weights = self.evidence
         chosen = [b for b in range(len(x)) if missing[b].any() and (~missing[b]).any()]
         if chosen:
             b = chosen[0]
             settings.append((x[b], missing[b], zeros, "conditional"))
             settings.append((x[b], missing[b], self.rng.normal(size=zeros.shape) * 1.5, "conditional with soft evidence"))
-        xs = np.concatenate([np.repeat(s[0][None], n, 0) for s in settings])
-        ms = np.concatenate([np.repeat(s[1][None], n, 0) for s in settings])
-        ws = np.concatenate([np.repeat(s[2][None], n, 0) for s in settings])
-        xt, mt, wt = self._tensors(xs, ms, ws)
-        try:
-            with torch.no_grad():
-                drawn = self.circuit.sample(x=xt, missing=mt, soft_evidence=wt,
-                                            generator=torch.Generator(device=self.device).manual_seed(self.seed))
-        except ZeroProbabilityError as err:
-            self.fail(name, f"sample raised {err} on evidence of positive probability")
-            return
-        samples = drawn.detach().cpu().numpy().astype(np.int64)
-        if samples.shape != xs.shape:
-            self.fail(name, f"sample returned shape {samples.shape}, expected {xs.shape}")
-            return
-        parts, plans = [], []
-        for index, (xe, me, we, label) in enumerate(settings):
-            block = samples[index * n:(index + 1) * n]
+        # at most this many chi-square tests share alpha; the one- and two-variable tests have at most 16 cells
+        planned = len(settings) * (_TESTED_VARIABLES + _TESTED_VARIABLES // 2) + int(self.small)
+        dof = _PAIR_BINS ** 2 - 1
+        n = self.num_samples if self.num_samples is not None else _samples_for(_DEVIATION, self.alpha / planned, dof)
+        self.report.notes[name] = (
+            f"{n} draws in each of {len(settings)} settings ({', '.join(s[3] for s in settings)}) and one draw per "
+            f"evidence row; per setting, one-variable tests of {_TESTED_VARIABLES} random missing variables and "
+            f"two-variable tests of {_TESTED_VARIABLES // 2} pairs of them; at false-alarm rate {self.alpha:g} over "
+            f"at most {planned} tests, a tested marginal off by total variation "
+            f"{_detectable_deviation(n, self.alpha / planned, dof):.3g} over its cells is detected with probability "
+            f"{_POWER:g} (noncentral chi-square approximation)")
+        blocks = []
+        for xe, me, we, label in settings:
+            soft = we[None] if label.endswith("evidence") else None
+            block = self.draw(name, label, n, xe[None], me[None], soft, generator)
+            if block is None:
+                return
+            blocks.append(block)
+        batch = self.draw(name, "one draw per evidence row", None, x, missing, weights, generator)
+        if batch is None:  # reported; the settings are still tested
+            x, missing, weights = x[:0], missing[:0], weights[:0]
+            batch = x
+        parts, plans = [(batch, None, weights)], []
+        kept = np.all((batch == x) | missing, axis=1)
+        self.count(name)
+        if not kept.all():
+            b = int(np.argmin(kept))
+            self.fail(name, f"sample(x=...) with one draw per evidence row drew {_fmt(batch[b])}: it changed observed "
+                            f"values of row {b}, {self.describe(x[b], missing[b], weights[b])}")
+        for block, (xe, me, we, label) in zip(blocks, settings):
             where = f"{label} sampling at {self.describe(xe, me, we if label.endswith('evidence') else None)}"
             kept = np.all(block[:, ~me] == xe[~me][None], axis=1)
             self.count(name)
@@ -521,8 +634,8 @@ class _Checker:
                 first = int(np.argmin(kept))
                 self.fail(name, f"sample {first} is {_fmt(block[first])}: it changed observed values, {where}")
                 continue
-            check = block[:min(n, 64)]
-            variables = self.rng.permutation(np.nonzero(me)[0])[:4]
+            check = block[:_POSSIBLE]
+            variables = self.rng.permutation(np.nonzero(me)[0])[:_TESTED_VARIABLES]
             plan = {"block": block, "where": where, "setting": (xe, me, we), "variables": variables,
                     "possible": len(parts), "base": len(parts) + 1, "single": len(parts) + 2}
             parts.append((check, None, np.repeat(we[None], len(check), 0)))
@@ -532,6 +645,12 @@ class _Checker:
                           np.stack(rows) if rows else np.zeros((0, self.num_vars, self.num_cats))))
             plans.append(plan)
         values = self.batched(parts)
+        possible = np.isfinite(values[0])
+        self.count(name)
+        if not possible.all():
+            b = int(np.argmin(possible))
+            self.fail(name, f"sample(x=...) with one draw per evidence row drew {_fmt(batch[b])}, of probability zero, "
+                            f"at {self.describe(x[b], missing[b], weights[b])}")
         tests, pair_parts, pair_plans = [], [], []
         for plan in plans:
             block, where, (xe, me, we) = plan["block"], plan["where"], plan["setting"]
@@ -622,6 +741,8 @@ class _Checker:
         grad, rows = grads[0].double().cpu().numpy(), rows.detach().cpu().double().numpy()
         entries = [tuple(int(j) for j in i) for i in np.argwhere(np.abs(grad) > 0.05)]
         picked = [entries[i] for i in self.rng.permutation(len(entries))[:4]]
+        self.report.notes[name] = (f"{len(picked)} random soft-evidence entries (of {len(entries)} with |gradient| > 0.05) "
+                                   f"on {len(x)} evidence rows, and the largest gradient entries of 2 random parameter tensors")
         parts, steps = [], []
         for b, i, k in picked:
             step, noise = self.fd_step(abs(rows[b]))
@@ -671,7 +792,7 @@ class _Checker:
                                     f"{numeric:.6g} by finite differences")
 
 
-def check_circuit(circuit: object, *, seed: int = 0, rows: int = 4, num_samples: int = 1000, alpha: float = 1e-4,
+def check_circuit(circuit: object, *, seed: int = 0, rows: int = 4, num_samples: int | None = None, alpha: float = 1e-4,
                   mpe: str = "max_product", max_enumeration: int = 4096,
                   properties: Iterable[str] = PROPERTIES) -> CheckReport:
     """Check a compiled circuit's queries against each other and the laws of probability.
@@ -683,9 +804,12 @@ def check_circuit(circuit: object, *, seed: int = 0, rows: int = 4, num_samples:
         seed: seed of every random choice (evidence, variables, samples): a fixed seed gives
             the same verdict on every run.
         rows: evidence rows per property.
-        num_samples: samples per sampling setting (unconditional, conditional, conditional
-            with soft evidence); the sampling property costs one ``circuit.sample`` call on
-            3 x num_samples rows, the largest cost on big circuits.
+        num_samples: draws per sampling setting (unconditional, conditional, conditional
+            with soft evidence: one ``circuit.sample`` call of num_samples draws under one row
+            of evidence each). Default: the fewest draws with which each chi-square test
+            detects, with probability 0.99 at the false-alarm rate ``alpha``, a sampled
+            marginal off by total variation 0.25 over the test's cells (about 300 at
+            ``alpha=1e-4``). The report states the deviation detected at the chosen number.
         alpha: false-alarm rate of the sampling property (all its chi-square tests together).
         mpe: ``"max_product"`` (what ``TensorCircuit.mpe`` computes) or ``"exact"`` (for an
             ``mpe`` that maximises ``log_prob``, e.g. on deterministic circuits).
@@ -699,7 +823,7 @@ def check_circuit(circuit: object, *, seed: int = 0, rows: int = 4, num_samples:
         AssertionError: listing every violated property with the inputs that show it.
         ValueError: bad arguments, or a circuit with continuous variables.
     """
-    for arg, value, minimum in (("seed", seed, 0), ("rows", rows, 1), ("num_samples", num_samples, 1),
+    for arg, value, minimum in (("seed", seed, 0), ("rows", rows, 1), ("num_samples", 1 if num_samples is None else num_samples, 1),
                                 ("max_enumeration", max_enumeration, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{arg}: expected an int >= {minimum}, got {value!r}")
