@@ -43,7 +43,8 @@ def m_step(circuit, flows: Flows, *, step_size: float = 1.0, pseudocount: float 
     Args:
         circuit: the :class:`pclayer.TensorCircuit` the flows were computed on.
         flows: expected counts, e.g. from :func:`pclayer.learn.compute_flows`.
-        step_size: 1 for the exact M-step, in (0, 1) for a damped (mini-batch) one.
+        step_size: 1 for the exact M-step, in (0, 1) for a damped one: the parameters move that fraction
+            of the way to the M-step solution (:class:`MiniBatchEM` averages counts instead).
         pseudocount: total Laplace smoothing per node, spread evenly over its children.
         min_std: lower bound of Gaussian standard deviations.
     """
