@@ -28,7 +28,8 @@ from pclayer.testing import reference
 FIXTURES = Path(__file__).parent / "fixtures" / "debd"
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "density_estimation.py"
 F64 = torch.float64
-HCLT_MODULE = importlib.import_module("pclayer.structures.hclt")  # the attribute of that name is the function
+HCLT_MODULE = importlib.import_module("pclayer.structures.hclt")
+time_module = importlib.import_module("pclayer.learn.fit").time  # the attribute of that name is the function
 
 
 def _benchmark():
@@ -225,11 +226,15 @@ def test_fit_decays_the_learning_rate_and_the_step_size_per_update(monkeypatch):
         fit(circuit, x, epochs=2, batch_size=400, method="minibatch_em", step_size=(2.0, 0.1), progress=False)
 
 
-def test_time_limit_stops_after_the_first_epoch_past_it():
+def test_time_limit_starts_no_epoch_predicted_to_end_past_it(monkeypatch):
     x = _nltcs_slice()["train"]
     circuit = pc.compile(hclt(x, 2, 2, seed=0))
     history = fit(circuit, x, epochs=50, batch_size=100, method="em", time_limit=1e-6, progress=False)
     assert len(history.train_ll) == 1 and history.stopped_early and history.seconds > 0
+    clock = iter(range(0, 1000, 10))  # every epoch takes 10 s on this clock (one reading per epoch)
+    monkeypatch.setattr(time_module, "perf_counter", lambda: float(next(clock)))
+    history = fit(circuit, x, epochs=50, batch_size=100, method="em", time_limit=35, progress=False)
+    assert len(history.train_ll) == 3 and history.seconds == 30  # a 4th epoch would end at 40 s
     for bad in (0, -1.0, True, "1"):
         with pytest.raises(ValueError, match="time_limit: expected a positive number"):
             fit(circuit, x, epochs=2, batch_size=100, time_limit=bad, progress=False)

@@ -238,8 +238,9 @@ def fit(circuit, x: torch.Tensor, *, epochs: int, batch_size: int, method: str =
         softening: train on softened rows (:func:`soften`): each observed value is kept
             with probability ``1 - softening``, a regulariser for discrete data. The
             reported likelihoods, validation and the best-epoch choice use the rows as given.
-        time_limit: stop after the first epoch that ends more than this many seconds after
-            the start (``None``: no limit). The best-epoch rule applies as for ``patience``.
+        time_limit: seconds of training (``None``: no limit): no epoch starts that the last
+            one's duration predicts would end past it (the first epoch always runs). The
+            best-epoch rule applies as for ``patience``.
         seed: seeds the validation split and the batch shuffling.
         distributed: data-parallel over ``torch.distributed`` (method ``"em"`` only): every
             rank passes its own shard as ``x``; flows and reported likelihoods are summed
@@ -312,9 +313,10 @@ def fit(circuit, x: torch.Tensor, *, epochs: int, batch_size: int, method: str =
         else:
             history.best_epoch = epoch
         bar.set_postfix(postfix)
-        history.seconds = time.perf_counter() - started
+        epoch_seconds = time.perf_counter() - started - history.seconds
+        history.seconds += epoch_seconds
         out_of_patience = patience is not None and epoch - history.best_epoch >= patience
-        if out_of_patience or (time_limit is not None and history.seconds > time_limit):
+        if out_of_patience or (time_limit is not None and history.seconds + epoch_seconds > time_limit):
             history.stopped_early = epoch + 1 < epochs
             break
     bar.close()
