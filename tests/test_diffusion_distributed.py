@@ -56,6 +56,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         except ValueError as error:
             (Path(out_dir) / f"refused{rank}").write_text(str(error))
     finally:
+        dist.barrier()  # both ranks are done with every collective before either tears gloo down
         dist.destroy_process_group()
 
 

@@ -54,6 +54,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         params = _train(x[own], missing[own], list(torch.arange(len(own)).chunk(3)), distributed=True)
         safetensors.torch.save_file(params, str(Path(out_dir) / f"rank{rank}.safetensors"))
     finally:
+        dist.barrier()  # both ranks are done with every collective before either tears gloo down
         dist.destroy_process_group()
 
 
