@@ -3,6 +3,7 @@ one process training on the whole data (issue 12, point 9)."""
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,8 @@ def _train(distributed: bool, setting: str) -> tuple[dict[str, torch.Tensor], li
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))  # a failing rank cannot hang the other for long
     try:
         for setting in SETTINGS:
             params, losses = _train(True, setting)

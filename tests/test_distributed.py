@@ -3,6 +3,7 @@ parameters as one process on the union of their shards."""
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 import safetensors.torch
@@ -47,7 +48,8 @@ def _train(x: torch.Tensor, missing: torch.Tensor, mini_batches: list[torch.Tens
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))  # a failing rank cannot hang the other for long
     try:
         x, missing = _data()
         own = shard(torch.arange(len(x)), rank, WORLD)
