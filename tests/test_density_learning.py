@@ -278,6 +278,8 @@ def test_train_stages_keeps_the_best_epoch_over_all_stages():
     assert history.best_epoch < 8  # stage 2 found nothing better ...
     with torch.no_grad():  # ... so the circuit is back at stage 1's best
         assert float(circuit.log_prob(splits["valid"]).double().mean()) == pytest.approx(max(history.valid_ll), abs=1e-5)
+    spent = train_stages(circuit, splits["train"], splits["valid"], stages, time_limit=1e-12, progress=False)
+    assert spent.method == "em + adam" and len(spent.valid_ll) == 1  # a spent budget still runs stage 1's first epoch
     with pytest.raises(ValueError, match="stages\\[0\\]: 'valid_x' is set by search_size"):
         train_stages(circuit, splits["train"], splits["valid"], [dict(valid_x=splits["valid"])], time_limit=1)
 
@@ -291,8 +293,8 @@ def test_search_size_grows_until_validation_stops_improving():
         return pc.compile(hclt(splits["train"], size, 2, seed=0))
 
     stages = [dict(method="em", epochs=15, batch_size=400, pseudocount=0.1, patience=2)]
-    search = search_size(build, [1, 2, 64, 128], splits["train"], splits["valid"], stages=stages, time_limit=600,
-                         progress=False)
+    search = search_size(build, [1, 2, 64, 128], splits["train"], splits["valid"], stages=stages,
+                         time_limit=1e6, progress=False)  # no size is skipped for time here
     tried = [trial.size for trial in search.trials]
     assert tried == built[:len(tried)] and tried[:2] == [1, 2]
     assert search.best.valid_ll == max(trial.valid_ll for trial in search.trials)

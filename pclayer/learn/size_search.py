@@ -85,7 +85,7 @@ def train_stages(circuit, x: torch.Tensor, valid_x: torch.Tensor, stages: Sequen
         x: (N, V) training rows; valid_x: (M, V) validation rows.
         stages: dicts of :func:`pclayer.learn.fit` options (``method``, ``epochs``,
             ``batch_size``, ``lr``, ``step_size``, ``pseudocount``, ``patience``, ...).
-        time_limit: seconds for all stages; a stage starts only while time is left.
+        time_limit: seconds for all stages; a stage after the first starts only while time is left.
         progress: passed to :func:`pclayer.learn.fit`.
 
     Returns:
@@ -98,9 +98,9 @@ def train_stages(circuit, x: torch.Tensor, valid_x: torch.Tensor, stages: Sequen
     best_state = None
     for stage in stages:
         remaining = time_limit - (time.perf_counter() - started)
-        if remaining <= 0:
+        if merged.valid_ll and remaining <= 0:  # the first stage always runs (as fit's first epoch does)
             break
-        history = fit(circuit, x, valid_x=valid_x, time_limit=remaining, progress=progress, **stage)
+        history = fit(circuit, x, valid_x=valid_x, time_limit=max(remaining, 1e-9), progress=progress, **stage)
         offset = len(merged.valid_ll)
         merged.train_ll += history.train_ll
         merged.valid_ll += history.valid_ll
@@ -159,7 +159,7 @@ def search_size(build: Callable[[int], object], sizes: Sequence[int], x: torch.T
             if predicted > remaining:
                 skipped += [(s, f"predicted {predicted:.0f} s, {max(remaining, 0):.0f} s left") for s in sizes[index:]]
                 break
-        history = train_stages(circuit, x, valid_x, stages, time_limit=max(remaining, 1e-3), progress=progress)
+        history = train_stages(circuit, x, valid_x, stages, time_limit=max(remaining, 1e-9), progress=progress)
         trial = SizeTrial(size, params, history.valid_ll[history.best_epoch], history.train_ll[history.best_epoch],
                           history.seconds, history)
         trials.append(trial)
