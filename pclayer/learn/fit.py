@@ -143,10 +143,9 @@ def soften(data: Dataset, softening: float, num_cats: torch.Tensor) -> Dataset:
         raise ValueError("softening: cannot be combined with soft_evidence; fold the softening into your evidence")
     width = int(num_cats.max())
     cats = num_cats.to(data.x.device)
-    keep = torch.full((len(data), data.x.shape[1], width), 0.0, dtype=torch.float64, device=data.x.device)
-    spread = (softening / (cats - 1).clamp_min(1).double())[None, :, None].expand_as(keep)
-    valid = torch.arange(width, device=data.x.device)[None, None, :] < cats[None, :, None]
-    probs = torch.where(valid, spread, keep)
+    spread = (softening / (cats - 1).clamp_min(1).double())[None, :, None].expand(len(data), -1, width)
+    beyond = torch.arange(width, device=data.x.device)[None, None, :] >= cats[None, :, None]  # not a category
+    probs = spread.masked_fill(beyond, 0.0)  # a new (N, V, K) tensor
     probs.scatter_(2, data.x.long()[:, :, None], 1.0 - softening)
     log_weights = probs.log()
     observed = torch.ones_like(data.x, dtype=torch.bool) if data.missing is None else ~data.missing
