@@ -69,7 +69,8 @@ def _fit_hclt(train: torch.Tensor, valid: torch.Tensor, num_cats: int, sizes, st
     tree_data = train if tree_rows is None else tree_rows
 
     def build(num_states: int):
-        return pc.compile(pc.structures.hclt(tree_data, num_states, num_cats, seed=seed, tree_num_cats=tree_num_cats))
+        return pc.compile(pc.structures.hclt(tree_data, num_states, num_cats, seed=seed, root="center",
+                                             tree_num_cats=tree_num_cats))
 
     return search_size(build, sizes, train, valid, stages=[dict(stage, seed=seed) for stage in stages],
                        time_limit=seconds)
