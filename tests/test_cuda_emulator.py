@@ -18,6 +18,7 @@ from cuda_emulation.runner import KERNEL_DIR, KERNEL_SOURCES
 from pclayer.ops.log_matmul_exp import log_matmul_exp
 
 FIXTURE = Path(__file__).parent / "cuda_emulation" / "fixtures" / "buggy.cu"
+SEMANTICS = Path(__file__).parent / "cuda_emulation" / "fixtures" / "semantics.cu"
 TESTS_DIR = Path(__file__).parent
 
 
@@ -54,6 +55,46 @@ def test_dense_sum_kernel_without_its_second_barrier_is_caught(tmp_path):
         kernel = Emulator([tmp_path / "sum_dense.cu"], thread_order=order).get_function("pc_sum_dense_fwd_f32")
         kernel((2, 1, 1), (128, 1, 1), (x.numpy(), logw.numpy(), y, np.int32(1), np.int32(100), np.int32(300), np.int32(1)))
         assert not np.allclose(y, expected, rtol=1e-4), order
+
+
+def test_multiply_add_is_fused_as_nvcc_compiles_it():
+    """(1 + 2^-12)^2 - 1 = 2^-11 + 2^-24 exactly: one rounding (FMA) keeps the 2^-24 that
+    rounding the product to float32 first loses. The emulator must give the fused result."""
+    a = np.full(4, 1 + 2.0**-12, np.float32)
+    c = np.full(4, -1.0, np.float32)
+    out = np.zeros(4, np.float32)
+    Emulator([SEMANTICS]).get_function("fixture_multiply_add")((1,), (4,), (a, a, c, out, np.int32(4)))
+    unfused = (a * a) + c  # numpy rounds the product to float32
+    assert unfused[0] == np.float32(2.0**-11)
+    np.testing.assert_array_equal(out, np.float32(2.0**-11 + 2.0**-24))
+
+
+@pytest.mark.parametrize("order", ["index", "reversed", "shuffled"])
+def test_warp_operations_follow_cuda_lane_rules(order):
+    out = np.zeros(64 * 5, np.int32)
+    Emulator([SEMANTICS], thread_order=order, seed=5).get_function("fixture_warp_operations")((1,), (64,), (out,))
+    i = np.arange(64)
+    lane, base = i % 32, i - i % 32
+    expected = np.stack([100 * (base + 3), np.where(lane >= 2, 100 * (i - 2), 100 * i),
+                         np.where(lane + 5 < 32, 100 * (i + 5), 100 * i), 100 * (i ^ 6),
+                         np.full(64, np.uint32(0xAAAAAAAA).astype(np.int32))], axis=1)
+    np.testing.assert_array_equal(out.reshape(64, 5), expected)
+
+
+def test_shuffle_with_exited_lanes_is_an_error():
+    with pytest.raises(RuntimeError, match="lane 12 has exited"):
+        _run_fixture("fixture_shuffle_after_exit", "index", n=300)  # block 2 has lanes 0-43 live
+    with pytest.raises(RuntimeError, match="does not exist"):
+        _run_fixture("fixture_shuffle_after_exit", "index", n=40, block=40)
+
+
+def test_missing_syncwarp_is_exposed_by_other_orders():
+    x, out = _run_fixture("fixture_missing_syncwarp", "index")
+    neighbour = x[np.arange(300) ^ 1]
+    assert (out != neighbour).sum() > 100  # index order: even lanes read before odd lanes wrote
+    for order in ("reversed", "shuffled"):
+        _, out = _run_fixture("fixture_missing_syncwarp", order)
+        assert (out != neighbour).sum() > 50, order
 
 
 def test_divergent_barrier_is_an_error():

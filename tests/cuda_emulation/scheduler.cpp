@@ -1,7 +1,13 @@
 // Block scheduler of the CPU emulator: runs a kernel's grid one block at a time, each block's
-// threads as ucontext fibers switched at __syncthreads. Threads (and blocks) run in index,
-// reversed or shuffled order. A barrier reached by some but not all live threads of a block
-// (divergent __syncthreads) is reported as an error instead of being silently tolerated.
+// threads as ucontext fibers. A fiber runs until it reaches a block barrier (__syncthreads),
+// a warp-level operation (__shfl_*_sync, __ballot_sync, __syncwarp) or returns. After every
+// pass over the runnable fibers, a warp whose 32 lanes all wait at a warp-level operation
+// resumes (warps progress independently, as on a GPU), and when every live thread of the block
+// waits at __syncthreads the block resumes. Threads (and blocks) run in index, reversed or
+// shuffled order. Errors instead of silent tolerance: a thread returning while others of its
+// block wait at __syncthreads (divergent barrier), a warp-level operation that not all 32
+// lanes of the warp reach (exited or absent lanes, or lanes at __syncthreads instead), and a
+// mask other than 0xffffffff.
 #include <ucontext.h>
 
 #include <algorithm>
@@ -10,6 +16,7 @@
 #include <memory>
 #include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "cuda_emu.h"
@@ -22,11 +29,15 @@ thread_local dim3 grid_dim;
 
 namespace {
 constexpr size_t kStackBytes = 256 * 1024;
+constexpr unsigned kWarpSize = 32;
+
+enum class State { Ready, AtBlockBarrier, AtWarpOp, Failed, Done };
 
 struct Fiber {
   ucontext_t context;
   dim3 index;
-  bool done = false;
+  size_t linear = 0;
+  State state = State::Ready;
 };
 
 using Thunk = void (*)(void**);
@@ -35,15 +46,17 @@ thread_local ucontext_t scheduler_context;
 thread_local Fiber* current = nullptr;
 thread_local Thunk current_thunk = nullptr;
 thread_local void** current_args = nullptr;
+thread_local std::vector<std::uint64_t> slots;  // one slot per thread, for warp-level operations
+thread_local std::string failure;
 
 void fiber_main() {
   current_thunk(current_args);
-  current->done = true;  // returning resumes scheduler_context through uc_link
+  current->state = State::Done;  // returning resumes scheduler_context through uc_link
 }
 
 // Separate function so that getcontext's second return cannot clobber the caller's locals.
 __attribute__((noinline)) void start_fiber(Fiber& fiber, char* stack) {
-  fiber.done = false;
+  fiber.state = State::Ready;
   getcontext(&fiber.context);
   fiber.context.uc_stack.ss_sp = stack;
   fiber.context.uc_stack.ss_size = kStackBytes;
@@ -58,10 +71,51 @@ std::vector<size_t> order_of(size_t count, int order, std::mt19937_64& rng) {
   if (order == 2) std::shuffle(out.begin(), out.end(), rng);
   return out;
 }
+
+void wait(State state) {
+  current->state = state;
+  swapcontext(&current->context, &scheduler_context);
+}
+
+// Releases every warp whose lanes all wait at a warp-level operation. Returns the number of
+// threads released, or -1 with ``failure`` set when a warp waits for lanes that cannot come.
+long release_warps(std::vector<Fiber>& fibers) {
+  long released = 0;
+  for (size_t first = 0; first < fibers.size(); first += kWarpSize) {
+    const size_t end = std::min(first + kWarpSize, fibers.size());
+    size_t waiting = 0;
+    for (size_t t = first; t < end; ++t) waiting += fibers[t].state == State::AtWarpOp;
+    if (waiting == 0) continue;
+    if (waiting != kWarpSize) {
+      const Fiber& absent = *std::find_if(fibers.begin() + first, fibers.begin() + end,
+                                          [](const Fiber& f) { return f.state != State::AtWarpOp; });
+      failure = "warp-level operation with mask 0xffffffff in warp " + std::to_string(first / kWarpSize) + ": lane " +
+                (end - first < kWarpSize ? std::to_string(end - first) + " does not exist (block size not a multiple of 32)"
+                 : std::to_string(absent.linear - first) +
+                       (absent.state == State::Done ? " has exited" : " waits at __syncthreads instead"));
+      return -1;
+    }
+    for (size_t t = first; t < end; ++t) fibers[t].state = State::Ready;
+    released += (long)waiting;
+  }
+  return released;
+}
 }  // namespace
 
-void barrier() {
-  swapcontext(&current->context, &scheduler_context);
+void barrier() { wait(State::AtBlockBarrier); }
+
+unsigned lane_id() { return (unsigned)(current->linear % kWarpSize); }
+
+std::uint64_t* warp_slots() { return slots.data() + current->linear / kWarpSize * kWarpSize; }
+
+void warp_wait(unsigned mask) {
+  if (mask != 0xffffffffu) {
+    char text[96];
+    std::snprintf(text, sizeof text, "warp-level operation with mask %#x: the emulator supports only 0xffffffff", mask);
+    failure = text;
+    wait(State::Failed);
+  }
+  wait(State::AtWarpOp);
 }
 }  // namespace cuda_emu
 
@@ -76,35 +130,51 @@ extern "C" int emu_launch(Thunk thunk, void** args, unsigned gx, unsigned gy, un
   const size_t blocks = (size_t)gx * gy * gz;
   std::vector<Fiber> fibers(threads);
   std::unique_ptr<char[]> stacks(new char[threads * kStackBytes]);  // uninitialised: pages stay untouched
+  slots.assign(threads + kWarpSize, 0);
   grid_dim = dim3{gx, gy, gz};
   block_dim = dim3{bx, by, bz};
   current_thunk = thunk;
   current_args = args;
+  failure.clear();
+  auto fail = [&](const std::string& message) {
+    std::snprintf(error, error_size, "%s", message.c_str());
+    current = nullptr;
+    return 1;
+  };
   for (size_t block : order_of(blocks, order, rng)) {
     block_idx = dim3{(unsigned)(block % gx), (unsigned)(block / gx % gy), (unsigned)(block / ((size_t)gx * gy))};
     for (size_t t = 0; t < threads; ++t) {
       fibers[t].index = dim3{(unsigned)(t % bx), (unsigned)(t / bx % by), (unsigned)(t / ((size_t)bx * by))};
+      fibers[t].linear = t;
       start_fiber(fibers[t], stacks.get() + t * kStackBytes);
     }
     size_t live = threads;
+    size_t finished_in_phase = 0;  // threads that returned since the block last passed __syncthreads
     while (live > 0) {
-      size_t finished_now = 0;
       for (size_t t : order_of(threads, order, rng)) {
         Fiber& f = fibers[t];
-        if (f.done) continue;
+        if (f.state != State::Ready) continue;
         current = &f;
         thread_idx = f.index;
         swapcontext(&scheduler_context, &f.context);
-        if (f.done) ++finished_now;
+        if (f.state == State::Failed) return fail(failure);
+        if (f.state == State::Done) --live, ++finished_in_phase;
       }
-      if (finished_now != 0 && finished_now != live) {
-        std::snprintf(error, error_size,
-                      "divergent __syncthreads in block (%u,%u,%u): %zu of %zu live threads returned while the "
-                      "others wait at a barrier",
-                      block_idx.x, block_idx.y, block_idx.z, finished_now, live);
-        return 1;
+      if (live == 0) break;
+      const long released = release_warps(fibers);
+      if (released < 0) return fail(failure);
+      if (released > 0) continue;
+      // every live thread waits at __syncthreads
+      if (finished_in_phase != 0) {
+        char text[256];
+        std::snprintf(text, sizeof text,
+                      "divergent __syncthreads in block (%u,%u,%u): %zu threads returned while %zu others wait at a "
+                      "barrier",
+                      block_idx.x, block_idx.y, block_idx.z, finished_in_phase, live);
+        return fail(text);
       }
-      live -= finished_now;
+      for (Fiber& f : fibers)
+        if (f.state == State::AtBlockBarrier) f.state = State::Ready;
     }
   }
   current = nullptr;
