@@ -94,7 +94,7 @@ def test_hmm_with_soft_evidence_runs_every_kernel():
         sampled = circuit.sample(x=x, missing=missing, soft_evidence=soft, generator=torch.Generator().manual_seed(1))
         launched = set(emulator.launched)
     assert {"pc_sum_dense_fwd_f32", "pc_sum_dense_grad_x_f32", "pc_sum_dense_grad_logw_f32",
-            "pc_inverse_cdf_f32"} <= launched
+            "pc_inverse_cdf_warp_f32"} <= launched
     flows = {k: v.grad.clone() for k, v in circuit.params.items()}
     circuit.zero_grad()
     assert circuit.runtime.last_backend == "cuda"

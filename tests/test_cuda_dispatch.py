@@ -159,12 +159,12 @@ def test_cupy_runner_compiles_the_source_when_the_fatbin_does_not_fit_the_gpu(mo
     monkeypatch.setitem(sys.modules, "cupy", fake.module)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=1))
     runner = cupy_runner.CupyRunner()
-    runner("inverse_cdf.cu", "pc_inverse_cdf_f64", (1, 1, 1), (128, 1, 1),
+    runner("inverse_cdf.cu", "pc_inverse_cdf_warp_f64", (1, 1, 1), (128, 1, 1),
            (torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.float64),
             torch.zeros(2, dtype=torch.int64), np.int64(2), np.int32(3)))
     assert [m["code"] for m in fake.modules] == [False, True]
     assert fake.modules[1]["options"][0] == f"-I{cupy_runner.KERNEL_DIR}"
-    assert runner.sources == {"inverse_cdf.cu": "nvrtc"} and fake.calls[-1][0] == "pc_inverse_cdf_f64"
+    assert runner.sources == {"inverse_cdf.cu": "nvrtc"} and fake.calls[-1][0] == "pc_inverse_cdf_warp_f64"
 
 
 def test_auto_takes_the_torch_route_even_where_the_kernels_could_run(monkeypatch):

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from cuda_emulation.runner import EmulatorRunner
+from cuda_emulation.emulator import Emulator
+from cuda_emulation.runner import KERNEL_DIR, EmulatorRunner
 from cuda_emulation.ulp import assert_ulp_close
 from pclayer.cuda import ops
 from pclayer.ops import dispatch
@@ -136,16 +138,84 @@ def test_categorical_full_soft_evidence_runs_the_dense_kernel(batch, groups, nod
         _assert_close(ops.sum_dense_forward(runner(order), evidence, table), brute.to(dtype), dtype)
 
 
-@given(st.integers(1, 300), st.integers(1, 12), DTYPES, st.sampled_from([0.0, 0.4, 0.9, 1.0]),
-       st.sampled_from([1.0, 50.0]), st.integers(0, 2**31))
-def test_inverse_cdf_chooses_identically_for_identical_uniforms(rows, cols, dtype, neg_inf, scale, seed):
+CDF_BOUNDARY_ULPS = 4
+"""How close (in ulps of the dtype at the total) ``u * total`` must lie to a CDF boundary for
+kernel and torch to be allowed different draws: the kernel's parallel prefix sums in double,
+rounded to the dtype, differ from torch's sequential ones by at most one rounding."""
+
+
+def _probs(logits: torch.Tensor) -> torch.Tensor:
+    """(A, C) float64 of the unnormalised probabilities the dtype's ``exp`` gives, as both
+    paths use them (their cumulative sum in float64 is the exact CDF to within one rounding)."""
+    m = logits.amax(-1, keepdim=True)
+    return torch.exp(logits - torch.where(torch.isfinite(m), m, torch.zeros_like(m))).double()
+
+
+def assert_same_draws_but_at_boundaries(chosen: torch.Tensor, expected: torch.Tensor, logits: torch.Tensor,
+                                        uniforms: torch.Tensor) -> int:
+    """Draws agree, except where ``u * total`` lies within :data:`CDF_BOUNDARY_ULPS` of every
+    CDF value between the two choices; a kernel draw never has zero probability unless its row
+    has none. Returns the number of boundary draws."""
+    probs = _probs(logits)
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1]
+    target = (uniforms * total.to(logits.dtype)).double()
+    differ = (chosen != expected).nonzero().squeeze(1)
+    tolerance = CDF_BOUNDARY_ULPS * torch.finfo(logits.dtype).eps * total
+    for a in differ.tolist():
+        low, high = sorted((int(chosen[a]), int(expected[a])))
+        gap = (cdf[a, low:high] - target[a]).abs().max()
+        assert gap <= tolerance[a], f"draw {a}: kernel {int(chosen[a])}, torch {int(expected[a])}, " \
+                                    f"target {float(target[a])} is {float(gap)} from a boundary"
+    picked = probs.gather(1, chosen[:, None]).squeeze(1)
+    assert bool(((picked > 0) | (total == 0)).all()), "a draw of zero probability"
+    return len(differ)
+
+
+def _uniforms_with_edges(g: torch.Generator, logits: torch.Tensor) -> torch.Tensor:
+    """Random uniforms; a tenth 0 or 1, a tenth landing exactly on a CDF value (a boundary)."""
+    draws = logits.shape[0]
+    uniforms = torch.rand(draws, generator=g, dtype=logits.dtype)
+    uniforms[: draws // 10] = torch.tensor([0.0, 1.0], dtype=logits.dtype).repeat(draws)[: draws // 10]
+    cdf = _probs(logits).cumsum(-1)
+    on_boundary = torch.arange(draws // 10, 2 * (draws // 10))
+    column = torch.randint(0, logits.shape[1], (len(on_boundary),), generator=g)
+    exact = cdf[on_boundary, column] / cdf[on_boundary, -1]
+    uniforms[on_boundary] = torch.where(torch.isfinite(exact), exact, torch.zeros_like(exact)).to(logits.dtype)
+    return uniforms
+
+
+@given(st.integers(1, 300), st.sampled_from([1, 7, 33, 200, 4096, 4097, 5000]), DTYPES,
+       st.sampled_from([0.0, 0.4, 0.9, 1.0]), st.sampled_from([1.0, 50.0]), st.integers(0, 2**31))
+@example(9, 4096, torch.float32, 0.4, 1.0, 0)  # the widest warp row
+@example(2, 4097, torch.float64, 0.0, 1.0, 1)  # the narrowest block row
+def test_inverse_cdf_draws_as_torch_but_at_cdf_boundaries(rows, cols, dtype, neg_inf, scale, seed):
     g = torch.Generator().manual_seed(seed)
+    rows = rows if cols <= 200 else min(rows, 3)
     logits = _log_values(g, (rows, cols), dtype, scale, neg_inf)
-    uniforms = torch.rand(rows, generator=g, dtype=dtype)
-    uniforms[: rows // 10] = torch.tensor([0.0, 1.0], dtype=dtype).repeat(rows)[: rows // 10]
+    uniforms = _uniforms_with_edges(g, logits)
     expected = inverse_cdf(logits, uniforms)
     for order in ORDERS:
-        assert torch.equal(ops.inverse_cdf(runner(order), logits, uniforms), expected)
+        assert_same_draws_but_at_boundaries(ops.inverse_cdf(runner(order), logits, uniforms), expected, logits, uniforms)
+
+
+@given(st.integers(1, 6), st.integers(1, 5), st.integers(0, 120), st.sampled_from([3, 12, 5000]), DTYPES,
+       st.integers(0, 2**31))
+def test_inverse_cdf_fuses_the_gather_of_weights_plus_values(weight_rows, value_rows, draws, cols, dtype, seed):
+    """Draw a from logw[rows[a]] + x[x_rows[a]] in one kernel: as torch on the gathered sum."""
+    g = torch.Generator().manual_seed(seed)
+    draws = draws if cols < 5000 else min(draws, 2)
+    logw = -_log_values(g, (weight_rows, cols), dtype, 3.0, 0.3).abs()
+    x = _log_values(g, (value_rows, cols), dtype, 20.0, 0.2)
+    rows = torch.randint(0, weight_rows, (draws,), generator=g)
+    x_rows = torch.randint(0, value_rows, (draws,), generator=g)
+    logits = logw.index_select(0, rows) + x.index_select(0, x_rows)
+    uniforms = torch.rand(draws, generator=g, dtype=dtype)
+    expected = inverse_cdf(logits, uniforms)
+    assert torch.equal(dispatch.inverse_cdf(logw, uniforms, rows=rows, addend=x, addend_rows=x_rows), expected)
+    for order in ORDERS:
+        chosen = ops.inverse_cdf(runner(order), logw, uniforms, rows, x, x_rows)
+        assert_same_draws_but_at_boundaries(chosen, expected, logits, uniforms)
 
 
 @given(st.integers(1, 40), st.integers(0, 300), st.integers(1, 12), DTYPES, st.sampled_from([0.0, 0.4, 1.0]),
@@ -161,6 +231,55 @@ def test_inverse_cdf_over_table_rows_chooses_as_over_the_gathered_rows(table_row
     expected = inverse_cdf(table.index_select(0, rows), uniforms)
     assert torch.equal(inverse_cdf(table, uniforms, rows), expected)
     assert torch.equal(dispatch.inverse_cdf(table, uniforms, rows=rows), expected)
+    assert_same_draws_but_at_boundaries(ops.inverse_cdf(runner("shuffled"), table, uniforms, rows), expected,
+                                        table.index_select(0, rows), uniforms)
+
+
+VOCABULARY = 126_464
+"""LLaDA's vocabulary: the rows CoDD samples tokens from."""
+
+
+def test_vocabulary_size_rows_draw_the_exact_inverse_cdf():
+    """Rows of 126,464 categories (the block-per-row kernel): each draw is the exact inverse
+    CDF of the float64 distribution up to :data:`CDF_BOUNDARY_ULPS` float32 ulps of the total,
+    and equals torch's draw but at CDF boundaries; one draw per thread order."""
+    g = torch.Generator().manual_seed(0)
+    logits64 = torch.randn(1, VOCABULARY, generator=g, dtype=torch.float64) * 3
+    logits64[torch.rand(logits64.shape, generator=g) < 0.1] = -torch.inf
+    logits = logits64.float()
+    probs = torch.exp(logits64 - logits64.max())
+    cdf = torch.cat([probs.new_zeros(1, 1), probs.cumsum(-1)], dim=1)  # cdf[:, c] = mass before c
+    tolerance = CDF_BOUNDARY_ULPS * torch.finfo(torch.float32).eps * float(cdf[0, -1])
+    rows = torch.zeros(1, dtype=torch.int64)
+    for order, u in zip(ORDERS, (0.3141, 0.9999, 0.5)):
+        uniforms = torch.tensor([u])
+        chosen = ops.inverse_cdf(runner(order), logits, uniforms, rows)
+        assert runner(order).launched[-1] == "pc_inverse_cdf_block_f32"
+        assert_same_draws_but_at_boundaries(chosen, inverse_cdf(logits, uniforms), logits, uniforms)
+        target, c = u * float(cdf[0, -1]), int(chosen[0])
+        assert float(cdf[0, c]) - tolerance <= target < float(cdf[0, c + 1]) + tolerance, order
+
+
+def test_block_scan_without_its_second_barrier_is_caught(tmp_path):
+    """Mutation check on the sampling kernel: without the barrier after the warps read the
+    shared warp totals, a fast warp overwrites them (next tile) before a slow one has read
+    them; the emulated draws must go wrong in some thread order."""
+    source = (KERNEL_DIR / "inverse_cdf.cu").read_text()
+    barrier = "for (int w = 0; w < rank / PC_WARP; ++w) offset += scratch[w];\n    __syncthreads();\n"
+    assert source.count(barrier) == 1
+    (tmp_path / "logspace.h").write_text((KERNEL_DIR / "logspace.h").read_text())
+    (tmp_path / "inverse_cdf.cu").write_text(source.replace(barrier, barrier.replace("    __syncthreads();\n", "")))
+    g = torch.Generator().manual_seed(0)
+    logits, uniforms = torch.randn(8, 5000, generator=g), torch.rand(8, generator=g)
+    expected = inverse_cdf(logits, uniforms)
+    wrong = 0
+    for order in ORDERS:
+        out = torch.zeros(8, dtype=torch.int64)
+        kernel = Emulator([tmp_path / "inverse_cdf.cu"], thread_order=order, seed=2).get_function("pc_inverse_cdf_block_f32")
+        kernel((8, 1, 1), (1024, 1, 1), (logits.numpy(), torch.arange(8).numpy(), logits.numpy(), torch.arange(8).numpy(),
+                                         np.int32(0), uniforms.numpy(), out.numpy(), np.int64(8), np.int32(5000)))
+        wrong += int((out != expected).sum())
+    assert wrong > 0
 
 
 def test_empty_inputs_launch_nothing():

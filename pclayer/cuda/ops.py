@@ -128,14 +128,39 @@ def categorical_topk_forward(runner: KernelRunner, values: torch.Tensor, indices
     return y
 
 
-def inverse_cdf(runner: KernelRunner, logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Index per row drawn from softmax(logits) (A,C) by inverse CDF with uniforms (A,) -> (A,) int64."""
-    logits, uniforms = logits.contiguous(), uniforms.to(logits.dtype).contiguous()
-    rows, width = logits.shape
-    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    if rows:
-        _launch(runner, "inverse_cdf.cu", _name("pc_inverse_cdf", logits.dtype), (_blocks(rows), 1, 1), (THREADS, 1, 1),
-               (logits, uniforms, out, np.int64(rows), _int32(width, "C")))
+CDF_WARP_ROWS = 4
+"""Rows (one warp each) per block of ``pc_inverse_cdf_warp_*``."""
+CDF_WARP_MAX_C = 4096
+"""Longest row ``pc_inverse_cdf_warp_*`` takes (a warp per row); longer rows take a block each."""
+CDF_BLOCK = 1024
+"""Threads per block of ``pc_inverse_cdf_block_*`` (one block per row)."""
+CDF_BLOCK_MAX_C = 1024 * 4096
+"""Longest row ``pc_inverse_cdf_block_*`` takes (4096 tiles of shared memory)."""
+
+
+def inverse_cdf(runner: KernelRunner, table: torch.Tensor, uniforms: torch.Tensor, rows: torch.Tensor | None = None,
+                addend: torch.Tensor | None = None, addend_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Index per draw ``a`` from softmax of the row ``table[rows[a]] + addend[addend_rows[a]]``
+    by inverse CDF with ``uniforms[a]``: table (R, C), uniforms (A,), rows / addend_rows (A,)
+    int64 (None: ``rows`` = 0..A-1, no addend), addend (S, C) -> (A,) int64. The gather and
+    the addition happen in the kernel: a warp per row up to :data:`CDF_WARP_MAX_C` columns, a
+    block per row beyond."""
+    table, uniforms = table.contiguous(), uniforms.to(table.dtype).contiguous()
+    draws, width = uniforms.shape[0], table.shape[1]
+    out = torch.empty(draws, dtype=torch.int64, device=table.device)
+    if not draws:
+        return out
+    if width > CDF_BLOCK_MAX_C:
+        raise ValueError(f"logits: rows of {width} categories exceed the sampling kernel's {CDF_BLOCK_MAX_C}")
+    rows = torch.arange(draws, device=table.device) if rows is None else rows.contiguous()
+    has_addend = addend is not None
+    addend, addend_rows = (addend.contiguous(), addend_rows.contiguous()) if has_addend else (table, rows)
+    if width <= CDF_WARP_MAX_C:
+        kernel, grid, block = "pc_inverse_cdf_warp", (-(-draws // CDF_WARP_ROWS), 1, 1), (32 * CDF_WARP_ROWS, 1, 1)
+    else:
+        kernel, grid, block = "pc_inverse_cdf_block", (draws, 1, 1), (CDF_BLOCK, 1, 1)
+    _launch(runner, "inverse_cdf.cu", _name(kernel, table.dtype), grid, block,
+            (table, rows, addend, addend_rows, np.int32(has_addend), uniforms, out, np.int64(draws), _int32(width, "C")))
     return out
 
 

@@ -164,8 +164,8 @@ def categorical_topk_evidence(values: torch.Tensor, indices: torch.Tensor, log_t
         raise ValueError(f"log_table: expected shape (1 or {values.shape[1]}, n, K) and dtype {values.dtype}, "
                          f"got {tuple(log_table.shape)} {log_table.dtype}")
     cats = log_table.shape[2]
-    if indices.numel() and bool(((indices < 0) | (indices >= cats)).any()):
-        raise ValueError(f"indices: expected categories in [0, {cats}), got range [{int(indices.min())}, {int(indices.max())}]")
+    if indices.numel():
+        _check_async(((indices >= 0) & (indices < cats)).all(), f"indices: expected categories in [0, {cats})")
     if choose_backend(backend, "categorical_topk_evidence", (values, indices, log_table), differentiable=False, record=record) == "cuda":
         from pclayer.cuda import ops
 
@@ -174,23 +174,55 @@ def categorical_topk_evidence(values: torch.Tensor, indices: torch.Tensor, log_t
 
 
 def inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor, backend: Backend = "auto", record: object | None = None,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
+                rows: torch.Tensor | None = None, addend: torch.Tensor | None = None,
+                addend_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Top-down sampling choice: index per row of logits (A, C) by inverse CDF with uniforms (A,)
-    in [0, 1]; kernel and torch path choose identically for identical uniforms. With ``rows``
-    (A,) int64, ``logits`` (R, C) is a table and draw ``a`` uses its row ``rows[a]`` (the
-    choice of ``inverse_cdf(logits[rows], uniforms)``). Returns (A,) int64."""
+    in [0, 1]. With ``rows`` (A,) int64, ``logits`` (R, C) is a table and draw ``a`` uses its row
+    ``rows[a]`` (the choice of ``inverse_cdf(logits[rows], uniforms)``). With ``addend`` (S, C)
+    and ``addend_rows`` (A,) int64, draw ``a`` uses ``logits[rows[a]] + addend[addend_rows[a]]``
+    (a sum node's log-weights plus its children's values; the kernel gathers and adds in one
+    pass). Kernel and torch path choose identically except where ``u * total`` lies within a
+    few ulps of a CDF boundary (the kernel sums the CDF in a parallel order). Returns (A,) int64."""
     _check_float("logits", logits, 2)
     draws = logits.shape[0] if rows is None else rows.shape[0]
-    if rows is not None and (rows.dtype != torch.int64 or rows.dim() != 1):
-        raise ValueError(f"rows: expected a 1-d int64 tensor, got {rows.dtype} of shape {tuple(rows.shape)}")
+    _check_rows("rows", rows, None)
+    if (addend is None) != (addend_rows is None):
+        raise ValueError("addend, addend_rows: expected both or neither")
+    if addend is not None:
+        _check_float("addend", addend, 2)
+        if addend.shape[1] != logits.shape[1] or addend.dtype != logits.dtype:
+            raise ValueError(f"addend: expected (S, {logits.shape[1]}) of dtype {logits.dtype}, got {tuple(addend.shape)} {addend.dtype}")
+        _check_rows("addend_rows", addend_rows, draws)
     if not isinstance(uniforms, torch.Tensor) or uniforms.shape != (draws,):
         raise ValueError(f"uniforms: expected shape ({draws},), got {getattr(uniforms, 'shape', uniforms)}")
     if uniforms.numel():
-        low, high = torch.aminmax(uniforms)  # NaN makes both comparisons false
-        if not (bool(low >= 0) and bool(high <= 1)):
-            raise ValueError("uniforms: expected values in [0, 1] without NaN")
+        _check_async(((uniforms >= 0) & (uniforms <= 1)).all(), "uniforms: expected values in [0, 1] without NaN")
     if choose_backend(backend, "inverse_cdf", (logits, uniforms), record=record) == "cuda":  # an index has no gradient
         from pclayer.cuda import ops
 
-        return ops.inverse_cdf(_runner(), (logits if rows is None else logits.index_select(0, rows)).detach(), uniforms)
+        return ops.inverse_cdf(_runner(), logits.detach(), uniforms, rows,
+                               None if addend is None else addend.detach(), addend_rows)
+    if addend is not None:
+        gathered = logits if rows is None else logits.index_select(0, rows)
+        return _torch_inverse_cdf(gathered + addend.index_select(0, addend_rows), uniforms)
     return _torch_inverse_cdf(logits, uniforms, rows)
+
+
+def _check_rows(name: str, rows: torch.Tensor | None, length: int | None) -> None:
+    if rows is None:
+        return
+    if not isinstance(rows, torch.Tensor) or rows.dtype != torch.int64 or rows.dim() != 1 or (
+            length is not None and rows.shape[0] != length):
+        expected = "a 1-d int64 tensor" + ("" if length is None else f" of length {length}")
+        raise ValueError(f"{name}: expected {expected}, got {getattr(rows, 'dtype', type(rows).__name__)} "
+                         f"of shape {tuple(getattr(rows, 'shape', ()))}")
+
+
+def _check_async(condition: torch.Tensor, message: str) -> None:
+    """Raise ValueError(message) unless ``condition`` (a bool scalar tensor) holds. On CUDA the
+    check is queued on the stream instead (``torch._assert_async``): a device-side assertion,
+    no host synchronisation."""
+    if condition.device.type == "cuda":
+        torch._assert_async(condition, message)
+    elif not bool(condition):
+        raise ValueError(message)

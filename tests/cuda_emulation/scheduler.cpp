@@ -1,10 +1,11 @@
 // Block scheduler of the CPU emulator: runs a kernel's grid one block at a time, each block's
 // threads as ucontext fibers. A fiber runs until it reaches a block barrier (__syncthreads),
-// a warp-level operation (__shfl_*_sync, __ballot_sync, __syncwarp) or returns. After every
-// pass over the runnable fibers, a warp whose 32 lanes all wait at a warp-level operation
-// resumes (warps progress independently, as on a GPU), and when every live thread of the block
-// waits at __syncthreads the block resumes. Threads (and blocks) run in index, reversed or
-// shuffled order. Errors instead of silent tolerance: a thread returning while others of its
+// a warp-level operation (__shfl_*_sync, __ballot_sync, __syncwarp) or returns. The next fiber
+// to run is the runnable one with the lowest index ("index"), the highest ("reversed") or a
+// random one ("shuffled"); a warp resumes as soon as its 32 lanes wait at a warp-level
+// operation, so in index and reversed order one warp runs ahead of the others up to the next
+// __syncthreads (exposing races between warps), and when every live thread waits at
+// __syncthreads the block resumes. Blocks run in the same order. Errors instead of silent tolerance: a thread returning while others of its
 // block wait at __syncthreads (divergent barrier), a warp-level operation that not all 32
 // lanes of the warp reach (exited or absent lanes, or lanes at __syncthreads instead), and a
 // mask other than 0xffffffff.
@@ -16,6 +17,7 @@
 #include <memory>
 #include <numeric>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -77,28 +79,18 @@ void wait(State state) {
   swapcontext(&current->context, &scheduler_context);
 }
 
-// Releases every warp whose lanes all wait at a warp-level operation. Returns the number of
-// threads released, or -1 with ``failure`` set when a warp waits for lanes that cannot come.
-long release_warps(std::vector<Fiber>& fibers) {
-  long released = 0;
-  for (size_t first = 0; first < fibers.size(); first += kWarpSize) {
-    const size_t end = std::min(first + kWarpSize, fibers.size());
-    size_t waiting = 0;
-    for (size_t t = first; t < end; ++t) waiting += fibers[t].state == State::AtWarpOp;
-    if (waiting == 0) continue;
-    if (waiting != kWarpSize) {
-      const Fiber& absent = *std::find_if(fibers.begin() + first, fibers.begin() + end,
-                                          [](const Fiber& f) { return f.state != State::AtWarpOp; });
-      failure = "warp-level operation with mask 0xffffffff in warp " + std::to_string(first / kWarpSize) + ": lane " +
-                (end - first < kWarpSize ? std::to_string(end - first) + " does not exist (block size not a multiple of 32)"
-                 : std::to_string(absent.linear - first) +
-                       (absent.state == State::Done ? " has exited" : " waits at __syncthreads instead"));
-      return -1;
-    }
-    for (size_t t = first; t < end; ++t) fibers[t].state = State::Ready;
-    released += (long)waiting;
-  }
-  return released;
+// Why the warp of thread ``first`` (its lane 0) cannot finish the warp-level operation some of
+// its lanes wait at.
+std::string stuck_warp(const std::vector<Fiber>& fibers, size_t first) {
+  const size_t end = std::min(first + kWarpSize, fibers.size());
+  const std::string warp = "warp-level operation with mask 0xffffffff in warp " + std::to_string(first / kWarpSize);
+  if (end - first < kWarpSize)
+    return warp + ": lane " + std::to_string(end - first) + " does not exist (block size not a multiple of 32)";
+  for (size_t t = first; t < end; ++t)
+    if (fibers[t].state != State::AtWarpOp)
+      return warp + ": lane " + std::to_string(t - first) +
+             (fibers[t].state == State::Done ? " has exited" : " waits at __syncthreads instead");
+  return warp;
 }
 }  // namespace
 
@@ -141,40 +133,54 @@ extern "C" int emu_launch(Thunk thunk, void** args, unsigned gx, unsigned gy, un
     current = nullptr;
     return 1;
   };
+  std::set<std::pair<std::uint64_t, size_t>> ready;  // (priority, thread): the lowest runs next
+  auto make_ready = [&](size_t t) {
+    fibers[t].state = State::Ready;
+    ready.insert({order == 0 ? t : order == 1 ? threads - 1 - t : rng(), t});
+  };
   for (size_t block : order_of(blocks, order, rng)) {
     block_idx = dim3{(unsigned)(block % gx), (unsigned)(block / gx % gy), (unsigned)(block / ((size_t)gx * gy))};
     for (size_t t = 0; t < threads; ++t) {
       fibers[t].index = dim3{(unsigned)(t % bx), (unsigned)(t / bx % by), (unsigned)(t / ((size_t)bx * by))};
       fibers[t].linear = t;
       start_fiber(fibers[t], stacks.get() + t * kStackBytes);
+      make_ready(t);
     }
     size_t live = threads;
     size_t finished_in_phase = 0;  // threads that returned since the block last passed __syncthreads
     while (live > 0) {
-      for (size_t t : order_of(threads, order, rng)) {
-        Fiber& f = fibers[t];
-        if (f.state != State::Ready) continue;
-        current = &f;
-        thread_idx = f.index;
-        swapcontext(&scheduler_context, &f.context);
-        if (f.state == State::Failed) return fail(failure);
-        if (f.state == State::Done) --live, ++finished_in_phase;
+      if (ready.empty()) {  // every live thread waits: at __syncthreads, or at a warp operation that cannot finish
+        for (size_t first = 0; first < threads; first += kWarpSize)
+          for (size_t t = first; t < std::min(first + kWarpSize, threads); ++t)
+            if (fibers[t].state == State::AtWarpOp) return fail(stuck_warp(fibers, first));
+        if (finished_in_phase != 0) {
+          char text[256];
+          std::snprintf(text, sizeof text,
+                        "divergent __syncthreads in block (%u,%u,%u): %zu threads returned while %zu others wait at a "
+                        "barrier",
+                        block_idx.x, block_idx.y, block_idx.z, finished_in_phase, live);
+          return fail(text);
+        }
+        for (size_t t = 0; t < threads; ++t)
+          if (fibers[t].state == State::AtBlockBarrier) make_ready(t);
+        continue;
       }
-      if (live == 0) break;
-      const long released = release_warps(fibers);
-      if (released < 0) return fail(failure);
-      if (released > 0) continue;
-      // every live thread waits at __syncthreads
-      if (finished_in_phase != 0) {
-        char text[256];
-        std::snprintf(text, sizeof text,
-                      "divergent __syncthreads in block (%u,%u,%u): %zu threads returned while %zu others wait at a "
-                      "barrier",
-                      block_idx.x, block_idx.y, block_idx.z, finished_in_phase, live);
-        return fail(text);
+      const size_t t = ready.begin()->second;
+      ready.erase(ready.begin());
+      Fiber& f = fibers[t];
+      current = &f;
+      thread_idx = f.index;
+      swapcontext(&scheduler_context, &f.context);
+      if (f.state == State::Failed) return fail(failure);
+      if (f.state == State::Done) --live, ++finished_in_phase;
+      if (f.state == State::AtWarpOp) {
+        const size_t first = t / kWarpSize * kWarpSize;
+        const size_t end = std::min(first + kWarpSize, threads);
+        bool complete = end - first == kWarpSize;
+        for (size_t lane = first; lane < end && complete; ++lane) complete = fibers[lane].state == State::AtWarpOp;
+        if (complete)
+          for (size_t lane = first; lane < end; ++lane) make_ready(lane);
       }
-      for (Fiber& f : fibers)
-        if (f.state == State::AtBlockBarrier) f.state = State::Ready;
     }
   }
   current = nullptr;
