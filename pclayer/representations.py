@@ -23,6 +23,7 @@ import torch
 
 from pclayer.numerics import RENORMALISE_BELOW, SAFE_FLOOR
 from pclayer.ops import dispatch
+from pclayer.ops.normalised_mass import normalised_log_mass
 from pclayer.ops.sparse_evidence import candidate_log_weights
 
 def _backend(runtime) -> str:
@@ -54,8 +55,9 @@ class LogSum:
         return dispatch.categorical_topk_evidence(values, indices, logp, backend=_backend(runtime), record=runtime)
 
     def no_evidence(self, logp: torch.Tensor, runtime=None) -> torch.Tensor:
-        """Discrete input summed out without evidence: logp (G|1, n, K) -> (G|1, n)."""
-        return dispatch.logsumexp(logp, backend=_backend(runtime), record=runtime)
+        """Discrete input summed out without evidence: logp (G|1, n, K) normalised -> (G|1, n)
+        zeros, with the gradient of log-sum-exp (no launch, on any backend)."""
+        return normalised_log_mass(logp)
 
     def continuous_summed_out(self, distribution, bank: torch.Tensor) -> torch.Tensor:
         """Continuous input summed out: (G, n) zeros (densities integrate to one)."""

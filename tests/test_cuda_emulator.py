@@ -154,9 +154,12 @@ for dtype in (torch.float32, torch.float64):
         ops.sum_dense_backward(runner, x, logw, y, torch.randn(y.shape, dtype=dtype, generator=g), True, True)
     a = torch.randn(5, 7, 3, dtype=dtype, generator=g)
     ops.logsumexp_backward(runner, a, ops.logsumexp_forward(runner, a), torch.ones(5, 7, dtype=dtype))
-    ops.categorical_topk_forward(runner, torch.randn(2, 3, 4, dtype=dtype, generator=g),
-                                 torch.randint(0, 6, (2, 3, 4), generator=g), torch.randn(3, 5, 6, dtype=dtype, generator=g))
-    ops.inverse_cdf(runner, torch.randn(200, 9, dtype=dtype, generator=g), torch.rand(200, dtype=dtype, generator=g))
+    values = torch.randn(2, 3, 4, dtype=dtype, generator=g, requires_grad=True)
+    table = torch.randn(3, 130, 6, dtype=dtype, generator=g, requires_grad=True)
+    ops.categorical_topk(runner, values, torch.randint(0, 6, (2, 3, 4), generator=g), table).sum().backward()
+    for width in (9, 5000):
+        ops.inverse_cdf(runner, torch.randn(5, width, dtype=dtype, generator=g), torch.rand(3, dtype=dtype, generator=g),
+                        torch.tensor([4, 0, 4]), torch.randn(2, width, dtype=dtype, generator=g), torch.tensor([1, 1, 0]))
 print("launched", len(runner.launched))
 """
 
@@ -178,4 +181,4 @@ def test_address_sanitizer_catches_out_of_bounds_read():
 def test_address_sanitizer_run_of_every_kernel_is_clean():
     result = _run_under_asan(_ASAN_KERNELS_SCRIPT)
     assert result.returncode == 0 and "ERROR: AddressSanitizer" not in result.stderr, result.stderr[-3000:]
-    assert "launched 20" in result.stdout, result.stdout
+    assert "launched 24" in result.stdout, result.stdout

@@ -114,16 +114,26 @@ def test_padded_sum_forward_and_backward_equal_masked_logsumexp(rows, cols, widt
         assert_ulp_close(ak.grad, at.grad, dtype, _flow_ulps(a, expected.detach()), normwise=True)
 
 
-@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 6), st.integers(1, 5), st.integers(1, 8), st.booleans(),
-       DTYPES, st.integers(0, 2**31))
-def test_categorical_topk_evidence_equals_torch_path(batch, groups, k, nodes, cats, shared, dtype, seed):
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 6), st.sampled_from([1, 5, 40, 150]), st.integers(1, 8),
+       st.booleans(), DTYPES, st.integers(0, 2**31))
+@example(2, 3, 6, 150, 2, False, torch.float32, 0)  # repeated categories (atomics), two node blocks
+def test_categorical_topk_evidence_and_flows_equal_torch_path(batch, groups, k, nodes, cats, shared, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     values = _log_values(g, (batch, groups, k), dtype, 3.0, 0.2)
     indices = torch.randint(0, cats, (batch, groups, k), generator=g)
     table = torch.log_softmax(_log_values(g, (1 if shared else groups, nodes, cats), dtype, 2.0, 0.0), -1)
-    expected = categorical_topk_evidence(values, indices, table)
+    grad_y = torch.randn(batch, groups, nodes, generator=g, dtype=dtype)
+    vt, tt = values.clone().requires_grad_(), table.clone().requires_grad_()
+    expected = categorical_topk_evidence(vt, indices, tt)
+    expected.backward(grad_y)
+    flow_ulps = _flow_ulps(values, table, expected.detach())
     for order in ORDERS:
-        _assert_close(ops.categorical_topk_forward(runner(order), values, indices, table), expected, dtype)
+        vk, tk = values.clone().requires_grad_(), table.clone().requires_grad_()
+        y = ops.categorical_topk(runner(order), vk, indices, tk)
+        _assert_close(y.detach(), expected.detach(), dtype)
+        y.backward(grad_y)
+        assert_ulp_close(vk.grad, vt.grad, dtype, flow_ulps, normwise=True)
+        assert_ulp_close(tk.grad, tt.grad, dtype, flow_ulps, normwise=True)
 
 
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 5), st.integers(1, 40), st.booleans(), DTYPES,

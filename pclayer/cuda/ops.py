@@ -113,19 +113,48 @@ def logsumexp_backward(runner: KernelRunner, a: torch.Tensor, y: torch.Tensor, g
     return grad_a
 
 
+TOPK_THREADS = 128
+"""Nodes per block of the top-k evidence kernels (``PC_TOPK_THREADS``)."""
+
+
 def categorical_topk_forward(runner: KernelRunner, values: torch.Tensor, indices: torch.Tensor,
-                             log_table: torch.Tensor) -> torch.Tensor:
-    """``y[b,g,n] = log sum_j exp(values[b,g,j] + log_table[g|0,n,indices[b,g,j]])``:
-    values, indices (B,G,k), log_table (G|1,n,K) -> (B,G,n). Indices must lie in [0, K)."""
-    values, indices, log_table = values.contiguous(), indices.contiguous(), log_table.contiguous()
+                             log_table_t: torch.Tensor) -> torch.Tensor:
+    """``y[b,g,n] = log sum_j exp(values[b,g,j] + log_table_t[g|0,indices[b,g,j],n])``:
+    values, indices (B,G,k), the transposed log-table (G|1,K,n) -> (B,G,n). Indices must lie in [0, K)."""
+    values, indices, log_table_t = values.contiguous(), indices.contiguous(), log_table_t.contiguous()
     batch, groups, k = values.shape
-    table_groups, nodes, cats = log_table.shape
+    table_groups, cats, nodes = log_table_t.shape
     y = torch.empty(batch, groups, nodes, dtype=values.dtype, device=values.device)
     if y.numel():
-        _launch(runner, "categorical_topk.cu", _name("pc_categorical_topk_fwd", values.dtype), (_blocks(y.numel()), 1, 1),
-               (THREADS, 1, 1), (values, indices, log_table, y, np.int64(batch * groups), _int32(groups, "G"),
-                                 _int32(k, "k"), _int32(nodes, "n"), _int32(cats, "K"), np.int32(table_groups == 1)))
+        _launch(runner, "categorical_topk.cu", _name("pc_categorical_topk_fwd", values.dtype), _topk_grid(batch * groups, nodes),
+                (TOPK_THREADS, 1, 1), (values, indices, log_table_t, y, _int32(groups, "G"), _int32(k, "k"),
+                                       _int32(nodes, "n"), _int32(cats, "K"), np.int32(table_groups == 1)))
     return y
+
+
+def categorical_topk_backward(runner: KernelRunner, values: torch.Tensor, indices: torch.Tensor, log_table_t: torch.Tensor,
+                              y: torch.Tensor, grad_y: torch.Tensor, need_values: bool,
+                              need_table: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flows of :func:`categorical_topk_forward`: ``grad_values`` (B,G,k) and ``grad_table_t``
+    (G|1,K,n) (zeros where not needed); terms with non-finite y are zero."""
+    values, indices, log_table_t = values.contiguous(), indices.contiguous(), log_table_t.contiguous()
+    y, grad_y = y.contiguous(), grad_y.contiguous()
+    batch, groups, k = values.shape
+    table_groups, cats, nodes = log_table_t.shape
+    grad_values, grad_table_t = torch.zeros_like(values), torch.zeros_like(log_table_t)
+    if y.numel() and k and (need_values or need_table):
+        _launch(runner, "categorical_topk.cu", _name("pc_categorical_topk_bwd", values.dtype), _topk_grid(batch * groups, nodes),
+                (TOPK_THREADS, 1, 1), (values, indices, log_table_t, y, grad_y, grad_values, grad_table_t,
+                                       _int32(groups, "G"), _int32(k, "k"), _int32(nodes, "n"), _int32(cats, "K"),
+                                       np.int32(table_groups == 1), np.int32(need_values), np.int32(need_table)))
+    return grad_values, grad_table_t
+
+
+def _topk_grid(rows: int, nodes: int) -> tuple[int, int, int]:
+    node_blocks = -(-nodes // TOPK_THREADS)
+    if node_blocks > _MAX_GRID_Y:
+        raise ValueError(f"log_table: {nodes} nodes exceed the kernel grid ({_MAX_GRID_Y * TOPK_THREADS})")
+    return rows, node_blocks, 1
 
 
 CDF_WARP_ROWS = 4
@@ -192,6 +221,31 @@ class _LogSumExp(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):  # type: ignore[override]
         a, y = ctx.saved_tensors
         return logsumexp_backward(ctx.runner, a, y, grad_y), None
+
+
+class _CategoricalTopK(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, indices: torch.Tensor, log_table: torch.Tensor,  # type: ignore[override]
+                runner: KernelRunner) -> torch.Tensor:
+        log_table_t = log_table.detach().transpose(1, 2).contiguous()  # one copy, shared with backward
+        y = categorical_topk_forward(runner, values, indices, log_table_t)
+        ctx.runner = runner
+        ctx.save_for_backward(values, indices, log_table_t, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):  # type: ignore[override]
+        values, indices, log_table_t, y = ctx.saved_tensors
+        grad_values, grad_table_t = categorical_topk_backward(ctx.runner, values, indices, log_table_t, y, grad_y,
+                                                              ctx.needs_input_grad[0], ctx.needs_input_grad[2])
+        return grad_values, None, grad_table_t.transpose(1, 2), None
+
+
+def categorical_topk(runner: KernelRunner, values: torch.Tensor, indices: torch.Tensor,
+                     log_table: torch.Tensor) -> torch.Tensor:
+    """Differentiable top-k evidence with a (G|1,n,K) log-table, read by the kernels as its
+    transposed (G|1,K,n) copy; backward runs the flow kernel (parameter flows for EM)."""
+    return _CategoricalTopK.apply(values, indices, log_table, runner)
 
 
 def sum_dense(runner: KernelRunner, x: torch.Tensor, logw: torch.Tensor) -> torch.Tensor:

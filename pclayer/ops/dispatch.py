@@ -154,7 +154,7 @@ def categorical_topk_evidence(values: torch.Tensor, indices: torch.Tensor, log_t
         log_table: (G|1, n, K) log-probabilities.
 
     Returns:
-        (B, G, n). The kernel is forward-only: with gradients required, "auto" uses torch.
+        (B, G, n); differentiable in ``values`` and ``log_table`` (the kernel has a backward).
     """
     _check_float("values", values, 3)
     _check_float("log_table", log_table, 3)
@@ -166,10 +166,10 @@ def categorical_topk_evidence(values: torch.Tensor, indices: torch.Tensor, log_t
     cats = log_table.shape[2]
     if indices.numel():
         _check_async(((indices >= 0) & (indices < cats)).all(), f"indices: expected categories in [0, {cats})")
-    if choose_backend(backend, "categorical_topk_evidence", (values, indices, log_table), differentiable=False, record=record) == "cuda":
+    if choose_backend(backend, "categorical_topk_evidence", (values, indices, log_table), record=record) == "cuda":
         from pclayer.cuda import ops
 
-        return ops.categorical_topk_forward(_runner(), values, indices, log_table)
+        return ops.categorical_topk(_runner(), values, indices, log_table)
     return _torch_topk(values, indices, log_table)
 
 

@@ -7,8 +7,8 @@
 // (__shfl_sync, __shfl_up_sync, __shfl_down_sync, __shfl_xor_sync, __ballot_sync, __syncwarp)
 // exchange values through one slot per lane, between two warp-wide waits, with CUDA's lane
 // arithmetic; only the full mask 0xffffffff is accepted, and every lane of the warp must take
-// part. Atomics are not provided because no pclayer kernel uses them; a kernel that does
-// fails to compile here. The emulator compiles with -ffp-contract=fast -mfma -fexpensive-optimizations, so a*b+c becomes
+// part. atomicAdd is a plain read-modify-write: fibers never preempt each other inside it, so
+// it is atomic; the order of the additions follows the thread order, as on a GPU it varies. The emulator compiles with -ffp-contract=fast -mfma -fexpensive-optimizations, so a*b+c becomes
 // one fused multiply-add as nvcc's default --fmad=true makes it.
 #pragma once
 
@@ -95,3 +95,10 @@ inline unsigned __ballot_sync(unsigned mask, int predicate) {
 }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
+
+template <typename V>
+inline V atomicAdd(V* address, V value) {
+  const V old = *address;
+  *address = old + value;
+  return old;
+}
