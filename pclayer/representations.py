@@ -31,10 +31,6 @@ def _backend(runtime) -> str:
     return "auto" if runtime is None else runtime.backend
 
 
-MAX_PLUS_CHUNK = 1 << 20
-"""Elements of the (rows, N, C) max-plus temporaries formed at a time (4 MB in float32)."""
-
-
 class LogSum:
     """Log-probabilities, exact log-sum-exp sums."""
 
@@ -71,19 +67,8 @@ class MaxProduct:
 
     def sum_dense(self, x: torch.Tensor, logw: torch.Tensor, runtime=None) -> torch.Tensor:
         """``max_c x[b, g, c] + logw[g, n, c]``: x (B, G, C), logw (G|1, N, C) -> (B, G, N),
-        a chunk of rows at a time (:data:`MAX_PLUS_CHUNK` elements of temporaries)."""
-        batch, groups, children = x.shape
-        nodes = logw.shape[1]
-        out = x.new_empty(batch, groups, nodes)
-        for g in range(groups):
-            w = logw[g if logw.shape[0] > 1 else 0]  # (N, C)
-            rows = max(1, MAX_PLUS_CHUNK // max(nodes * children, 1))
-            node_step = nodes if rows > 1 else max(1, MAX_PLUS_CHUNK // max(children, 1))
-            for b0 in range(0, batch, rows):
-                xb = x[b0:b0 + rows, g, None, :]  # (r, 1, C)
-                for n0 in range(0, nodes, node_step):
-                    torch.amax(xb + w[None, n0:n0 + node_step], dim=-1, out=out[b0:b0 + rows, g, n0:n0 + node_step])
-        return out
+        never as one (B, G, N, C) tensor (see :func:`pclayer.ops.dispatch.max_plus`)."""
+        return dispatch.max_plus(x, logw, backend=_backend(runtime), record=runtime)
 
     def sum_padded(self, a: torch.Tensor, runtime=None) -> torch.Tensor:
         return a.amax(-1)

@@ -148,3 +148,33 @@ def test_kernels_never_receive_tensors_that_require_grad():
     reference = torch.logsumexp(x.detach()[:, :, None, :] + logw.detach()[None], -1)
     torch.testing.assert_close(y.detach(), reference, rtol=1e-12, atol=1e-12)
     assert x.grad is not None and logw.grad is not None
+
+
+def test_mpe_and_topk_evidence_run_their_kernels():
+    """MPE on the tiled max-plus kernel and top-k soft evidence (values, flows, posterior) on the
+    top-k kernels give the torch path's answers."""
+    root = pc.structures.hmm(4, 5, 40, seed=2)
+    circuit = pc.compile(root, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    missing = torch.rand(6, 4, generator=g) < 0.5
+    topk = pc.TopKEvidence(torch.randn(6, 4, 3, generator=g, dtype=torch.float64),
+                           torch.sort(torch.rand(6, 4, 40, generator=g).argsort(-1)[..., :3], -1).values)
+    x = topk.indices[..., 1]  # observed values among the candidates (else probability zero)
+
+    def queries():
+        circuit.zero_grad()
+        log_p = _log_sum_log_prob(circuit, x, missing, topk)
+        log_p.sum().backward()
+        flows = {k: v.grad.clone() for k, v in circuit.params.items()}
+        return circuit.mpe(x, missing=missing), log_p.detach(), flows, circuit.posterior(x, missing=missing, soft_evidence=topk)
+
+    with _kernels_for_cpu_tensors(circuit) as emulator:
+        kernel = queries()
+        launched = set(emulator.launched)
+    assert {"pc_max_plus_fwd_f64", "pc_categorical_topk_fwd_f64", "pc_categorical_topk_bwd_f64"} <= launched
+    reference = queries()
+    assert torch.equal(kernel[0], reference[0])
+    torch.testing.assert_close(kernel[1], reference[1], rtol=1e-12, atol=1e-12)
+    for key in reference[2]:
+        torch.testing.assert_close(kernel[2][key], reference[2][key], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(kernel[3], reference[3], rtol=1e-10, atol=1e-12)

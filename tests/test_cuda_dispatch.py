@@ -171,7 +171,7 @@ def test_auto_takes_the_torch_route_even_where_the_kernels_could_run(monkeypatch
     """No kernel has been measured faster than torch's route on a GPU, so "auto" never picks
     one (pclayer/cuda/README.md argues each operation); "cuda" still forces them."""
     monkeypatch.setattr(dispatch, "_kernel_obstacle", lambda tensors, differentiable: None)
-    for operation in ("sum_dense", "logsumexp", "categorical_topk_evidence", "inverse_cdf"):
+    for operation in ("sum_dense", "max_plus", "logsumexp", "categorical_topk_evidence", "inverse_cdf"):
         record = _Record()
         assert dispatch.choose_backend("auto", operation, (torch.zeros(1),), record=record) == "torch"
         assert record.last_backend == "torch"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cuda_emulation.emulator import Emulator, asan_environment, parse_kernels
-from cuda_emulation.runner import KERNEL_DIR, KERNEL_SOURCES
+from cuda_emulation.runner import KERNEL_SOURCES, mutated_emulator
 from pclayer.ops.log_matmul_exp import log_matmul_exp
 
 FIXTURE = Path(__file__).parent / "cuda_emulation" / "fixtures" / "buggy.cu"
@@ -42,17 +42,14 @@ def test_missing_barrier_hidden_by_index_order_exposed_by_other_orders():
 def test_dense_sum_kernel_without_its_second_barrier_is_caught(tmp_path):
     """Mutation check on the real kernel: drop the barrier that protects the x tile from being
     overwritten while other threads still read it; the emulated result must go wrong."""
-    source = (KERNEL_DIR / "sum_dense.cu").read_text()
-    barrier = "    __syncthreads();\n  }\n  if (active)"
-    assert source.count(barrier) == 1
-    (tmp_path / "logspace.h").write_text((KERNEL_DIR / "logspace.h").read_text())
-    (tmp_path / "sum_dense.cu").write_text(source.replace(barrier, "  }\n  if (active)"))
     g = torch.Generator().manual_seed(0)
     x, logw = torch.randn(2, 1, 300, generator=g), torch.randn(1, 100, 300, generator=g)
     expected = log_matmul_exp(x, logw).numpy()
     for order in ("index", "reversed", "shuffled"):
         y = np.zeros((2, 1, 100), np.float32)
-        kernel = Emulator([tmp_path / "sum_dense.cu"], thread_order=order).get_function("pc_sum_dense_fwd_f32")
+        emulator = mutated_emulator(tmp_path, "sum_dense.cu", "    __syncthreads();\n  }\n  if (active)", "  }\n  if (active)",
+                                    order)
+        kernel = emulator.get_function("pc_sum_dense_fwd_f32")
         kernel((2, 1, 1), (128, 1, 1), (x.numpy(), logw.numpy(), y, np.int32(1), np.int32(100), np.int32(300), np.int32(1)))
         assert not np.allclose(y, expected, rtol=1e-4), order
 
@@ -124,7 +121,7 @@ def test_signatures_are_parsed_from_every_kernel_file():
     kernels = {}
     for path in KERNEL_SOURCES:
         kernels.update(parse_kernels(path.read_text()))
-    assert len(kernels) == 14
+    assert len(kernels) == 20
     params = kernels["pc_sum_dense_grad_x_f32"]
     assert [p.c_type for p in params][:5] == ["const float*"] * 4 + ["float*"]
     assert params[5].base == "long long" and not params[5].pointer
@@ -152,6 +149,7 @@ for dtype in (torch.float32, torch.float64):
         logw = torch.randn(1 if shared else 2, 130, 150, dtype=dtype, generator=g)
         y = ops.sum_dense_forward(runner, x, logw)
         ops.sum_dense_backward(runner, x, logw, y, torch.randn(y.shape, dtype=dtype, generator=g), True, True)
+    ops.max_plus_forward(runner, torch.randn(40, 2, 70, dtype=dtype, generator=g), torch.randn(1, 33, 70, dtype=dtype, generator=g))
     a = torch.randn(5, 7, 3, dtype=dtype, generator=g)
     ops.logsumexp_backward(runner, a, ops.logsumexp_forward(runner, a), torch.ones(5, 7, dtype=dtype))
     values = torch.randn(2, 3, 4, dtype=dtype, generator=g, requires_grad=True)
@@ -181,4 +179,4 @@ def test_address_sanitizer_catches_out_of_bounds_read():
 def test_address_sanitizer_run_of_every_kernel_is_clean():
     result = _run_under_asan(_ASAN_KERNELS_SCRIPT)
     assert result.returncode == 0 and "ERROR: AddressSanitizer" not in result.stderr, result.stderr[-3000:]
-    assert "launched 24" in result.stdout, result.stdout
+    assert "launched 26" in result.stdout, result.stdout

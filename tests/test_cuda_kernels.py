@@ -18,14 +18,14 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from cuda_emulation.emulator import Emulator
-from cuda_emulation.runner import KERNEL_DIR, EmulatorRunner
+from cuda_emulation.runner import EmulatorRunner, mutated_emulator
 from cuda_emulation.ulp import assert_ulp_close
 from pclayer.cuda import ops
 from pclayer.ops import dispatch
 from pclayer.ops.inverse_cdf import inverse_cdf
 from pclayer.ops.log_matmul_exp import log_matmul_exp
 from pclayer.ops.masked_logsumexp import masked_logsumexp
+from pclayer.ops.max_plus import max_plus
 from pclayer.ops.sparse_evidence import categorical_topk_evidence
 
 ORDERS = ("index", "reversed", "shuffled")
@@ -245,6 +245,36 @@ def test_inverse_cdf_over_table_rows_chooses_as_over_the_gathered_rows(table_row
                                         table.index_select(0, rows), uniforms)
 
 
+@given(st.integers(1, 70), st.integers(1, 3), st.integers(1, 70), st.integers(1, 70), st.booleans(), DTYPES,
+       st.sampled_from([0.0, 0.3, 1.0]), st.integers(0, 2**31))
+@example(65, 2, 33, 70, False, torch.float32, 0.3, 0)  # partial tiles along rows, nodes and children
+def test_max_plus_kernel_equals_the_chunked_torch_path_exactly(batch, groups, nodes, children, shared, dtype, neg_inf,
+                                                                 seed):
+    """Sums and maxima round identically on both paths, so the results are bit-equal."""
+    g = torch.Generator().manual_seed(seed)
+    x = _log_values(g, (batch, groups, children), dtype, 30.0, neg_inf)
+    logw = _log_values(g, (1 if shared else groups, nodes, children), dtype, 30.0, neg_inf)
+    expected = max_plus(x, logw)
+    for order in ORDERS:
+        assert torch.equal(ops.max_plus_forward(runner(order), x, logw), expected)
+
+
+def test_max_plus_without_its_second_barrier_is_caught(tmp_path):
+    """Mutation check: without the barrier after the tile is read, the next tile's loads
+    overwrite it under threads still reading; some thread order must give wrong maxima."""
+    g = torch.Generator().manual_seed(0)
+    x, logw = torch.randn(40, 1, 100, generator=g), torch.randn(1, 40, 100, generator=g)
+    expected = max_plus(x, logw)
+    wrong = 0
+    for order in ORDERS:
+        emulator = mutated_emulator(tmp_path, "max_plus.cu", "    __syncthreads();\n  }\n  for (int i", "  }\n  for (int i", order)
+        y = torch.empty(40, 1, 40)
+        emulator.get_function("pc_max_plus_fwd_f32")((2, 2, 1), (16, 16, 1), (x.numpy(), logw.numpy(), y.numpy(), np.int32(40),
+                                                                           np.int32(1), np.int32(40), np.int32(100), np.int32(1)))
+        wrong += int((y != expected).sum())
+    assert wrong > 0
+
+
 VOCABULARY = 126_464
 """LLaDA's vocabulary: the rows CoDD samples tokens from."""
 
@@ -274,18 +304,15 @@ def test_block_scan_without_its_second_barrier_is_caught(tmp_path):
     """Mutation check on the sampling kernel: without the barrier after the warps read the
     shared warp totals, a fast warp overwrites them (next tile) before a slow one has read
     them; the emulated draws must go wrong in some thread order."""
-    source = (KERNEL_DIR / "inverse_cdf.cu").read_text()
-    barrier = "for (int w = 0; w < rank / PC_WARP; ++w) offset += scratch[w];\n    __syncthreads();\n"
-    assert source.count(barrier) == 1
-    (tmp_path / "logspace.h").write_text((KERNEL_DIR / "logspace.h").read_text())
-    (tmp_path / "inverse_cdf.cu").write_text(source.replace(barrier, barrier.replace("    __syncthreads();\n", "")))
+    read = "for (int w = 0; w < rank / PC_WARP; ++w) offset += scratch[w];\n"
     g = torch.Generator().manual_seed(0)
     logits, uniforms = torch.randn(8, 5000, generator=g), torch.rand(8, generator=g)
     expected = inverse_cdf(logits, uniforms)
     wrong = 0
     for order in ORDERS:
         out = torch.zeros(8, dtype=torch.int64)
-        kernel = Emulator([tmp_path / "inverse_cdf.cu"], thread_order=order, seed=2).get_function("pc_inverse_cdf_block_f32")
+        emulator = mutated_emulator(tmp_path, "inverse_cdf.cu", read + "    __syncthreads();\n", read, order, seed=2)
+        kernel = emulator.get_function("pc_inverse_cdf_block_f32")
         kernel((8, 1, 1), (1024, 1, 1), (logits.numpy(), torch.arange(8).numpy(), logits.numpy(), torch.arange(8).numpy(),
                                          np.int32(0), uniforms.numpy(), out.numpy(), np.int64(8), np.int32(5000)))
         wrong += int((out != expected).sum())

@@ -69,6 +69,28 @@ def sum_dense_forward(runner: KernelRunner, x: torch.Tensor, logw: torch.Tensor)
     return y
 
 
+MAX_PLUS_TILE = 32
+"""Rows x nodes per block of ``pc_max_plus_fwd_*`` (``PC_MP_TILE``; 16 x 16 threads)."""
+
+
+def max_plus_forward(runner: KernelRunner, x: torch.Tensor, logw: torch.Tensor) -> torch.Tensor:
+    """``y[b,g,n] = max_c logw[g|0,n,c] + x[b,g,c]``: x (B,G,C), logw (G|1,N,C) -> (B,G,N)."""
+    x, logw = x.contiguous(), logw.contiguous()
+    batch, groups, children = x.shape
+    nodes = logw.shape[1]
+    y = torch.empty(batch, groups, nodes, dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    grid = (-(-nodes // MAX_PLUS_TILE), -(-batch // MAX_PLUS_TILE), groups)
+    if grid[1] > _MAX_GRID_Y or groups > _MAX_GRID_Y:
+        raise ValueError(f"x: {batch} rows and {groups} groups exceed the kernel grid "
+                         f"({_MAX_GRID_Y * MAX_PLUS_TILE} rows, {_MAX_GRID_Y} groups)")
+    _launch(runner, "max_plus.cu", _name("pc_max_plus_fwd", x.dtype), grid, (16, 16, 1),
+            (x, logw, y, _int32(batch, "B"), _int32(groups, "G"), _int32(nodes, "N"), _int32(children, "C"),
+             np.int32(logw.shape[0] == 1)))
+    return y
+
+
 def sum_dense_backward(runner: KernelRunner, x: torch.Tensor, logw: torch.Tensor, y: torch.Tensor,
                        grad_y: torch.Tensor, need_x: bool, need_logw: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Node flows ``grad_x`` (B,G,C) and parameter flows ``grad_logw`` (G|1,N,C) of

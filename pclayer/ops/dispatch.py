@@ -24,6 +24,7 @@ import torch
 from pclayer.ops.inverse_cdf import inverse_cdf as _torch_inverse_cdf
 from pclayer.ops.log_matmul_exp import log_matmul_exp
 from pclayer.ops.masked_logsumexp import masked_logsumexp
+from pclayer.ops.max_plus import max_plus as _torch_max_plus
 from pclayer.ops.sparse_evidence import categorical_topk_evidence as _torch_topk
 
 Backend = Literal["auto", "torch", "cuda"]
@@ -117,16 +118,40 @@ def sum_dense(x: torch.Tensor, logw: torch.Tensor, backend: Backend = "auto", re
         Also the categorical input layer under full soft evidence, with x = evidence (B, G, K)
         and logw = log-probability table (G|1, n, K).
     """
-    _check_float("x", x, 3)
-    _check_float("logw", logw, 3)
-    if logw.shape[0] not in (1, x.shape[1]) or logw.shape[2] != x.shape[2] or logw.dtype != x.dtype:
-        raise ValueError(f"logw: expected shape (1 or {x.shape[1]}, N, {x.shape[2]}) and dtype {x.dtype}, "
-                         f"got {tuple(logw.shape)} {logw.dtype}")
+    _check_dense(x, logw)
     if choose_backend(backend, "sum_dense", (x, logw), record=record) == "cuda":
         from pclayer.cuda import ops
 
         return ops.sum_dense(_runner(), x, logw)
     return log_matmul_exp(x, logw)
+
+
+def _check_dense(x: torch.Tensor, logw: torch.Tensor) -> None:
+    _check_float("x", x, 3)
+    _check_float("logw", logw, 3)
+    if logw.shape[0] not in (1, x.shape[1]) or logw.shape[2] != x.shape[2] or logw.dtype != x.dtype:
+        raise ValueError(f"logw: expected shape (1 or {x.shape[1]}, N, {x.shape[2]}) and dtype {x.dtype}, "
+                         f"got {tuple(logw.shape)} {logw.dtype}")
+
+
+def max_plus(x: torch.Tensor, logw: torch.Tensor, backend: Backend = "auto", record: object | None = None) -> torch.Tensor:
+    """Max-product (MPE) dense sum layer ``y[b,g,n] = max_c logw[g,n,c] + x[b,g,c]``.
+
+    Args:
+        x: (B, G, C) child log-values.
+        logw: (G, N, C) or (1, N, C) log-weights (``-inf`` = no edge; a leading 1 is shared).
+        backend: "auto", "torch" or "cuda".
+
+    Returns:
+        (B, G, N), never materialising (B, G, N, C): torch in cache-sized chunks, or the tiled
+        max-plus kernel (forward only: with gradients required, "cuda" is an error).
+    """
+    _check_dense(x, logw)
+    if choose_backend(backend, "max_plus", (x, logw), differentiable=False, record=record) == "cuda":
+        from pclayer.cuda import ops
+
+        return ops.max_plus_forward(_runner(), x, logw)
+    return _torch_max_plus(x, logw)
 
 
 def logsumexp(a: torch.Tensor, backend: Backend = "auto", record: object | None = None) -> torch.Tensor:
