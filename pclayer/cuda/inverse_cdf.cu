@@ -11,21 +11,23 @@
 //
 // A group of threads handles one row: a warp (pc_inverse_cdf_warp_*, 4 rows per 128-thread
 // block, rows of up to PC_CDF_WARP_MAX_C) or a block (pc_inverse_cdf_block_*, 1024 threads,
-// rows of up to PC_CDF_BLOCK_MAX_C). The row is read in tiles of one element per thread
-// (coalesced): pass 1 takes the maximum, pass 2 scans each tile in double and records the
-// running prefix at each tile's end, pass 3 finds the first tile whose end exceeds the target
-// and rescans only that tile. Passes 2 and 3 compute each prefix with the same operations in
-// the same order, so the total and the prefixes agree exactly.
+// rows of up to PC_CDF_BLOCK_MAX_C). Pass 1 takes the maximum (coalesced, one element per
+// thread and step, then a shuffle/shared-memory reduction). Pass 2 reads the row in tiles of
+// PC_CDF_ITEMS consecutive elements per thread, sums each thread's elements in double, scans
+// the group's sums (warp shuffles, then one shuffle scan of the warp totals) and records the
+// running prefix at each tile's end. Pass 3 finds the first tile whose end exceeds the target
+// (a parallel search over the recorded ends) and rescans only that tile.
 #include "logspace.h"
 
 #define PC_FULL_MASK 0xffffffffu
 #define PC_WARP 32
+#define PC_CDF_ITEMS 4      // consecutive elements per thread and tile
 #define PC_CDF_WARP_ROWS 4  // rows (warps) per block of the warp kernel
-#define PC_CDF_WARP_TILES 128
-#define PC_CDF_WARP_MAX_C (PC_WARP * PC_CDF_WARP_TILES)  // 4096
+#define PC_CDF_WARP_MAX_C 4096
+#define PC_CDF_WARP_TILES (PC_CDF_WARP_MAX_C / (PC_WARP * PC_CDF_ITEMS))  // 32
 #define PC_CDF_BLOCK 1024   // threads per block of the block kernel
 #define PC_CDF_BLOCK_TILES 4096
-#define PC_CDF_BLOCK_MAX_C (PC_CDF_BLOCK * PC_CDF_BLOCK_TILES)  // 4,194,304
+#define PC_CDF_BLOCK_MAX_C (PC_CDF_BLOCK * PC_CDF_ITEMS * PC_CDF_BLOCK_TILES)  // 16,777,216
 #define PC_NO_INDEX 0x7fffffff
 
 template <typename V>
@@ -56,6 +58,12 @@ __device__ inline double warp_inclusive_scan(double v, int lane) {
   return v;
 }
 
+// A thread's exclusive prefix of the group's values (in rank order) and the group's total.
+struct Scan {
+  double exclusive;
+  double total;
+};
+
 // One warp per row. ends: this warp's PC_CDF_WARP_TILES running prefixes.
 struct WarpGroup {
   int rank;
@@ -63,49 +71,50 @@ struct WarpGroup {
   __device__ int size() const { return PC_WARP; }
   template <typename V, typename Op>
   __device__ V reduce(V v, Op op) const { return warp_reduce(v, op); }
-  __device__ double scan(double v) const { return warp_inclusive_scan(v, rank); }
-  __device__ double last(double v) const { return __shfl_sync(PC_FULL_MASK, v, PC_WARP - 1); }
+  __device__ Scan scan(double v) const {
+    const double inclusive = warp_inclusive_scan(v, rank);
+    const double before = __shfl_up_sync(PC_FULL_MASK, inclusive, 1);
+    return Scan{rank == 0 ? 0.0 : before, __shfl_sync(PC_FULL_MASK, inclusive, PC_WARP - 1)};
+  }
   __device__ void sync() const { __syncwarp(); }
 };
 
-// One block per row; the values every thread reduces are staged in shared memory (one slot
-// per warp, converted to double, which holds every float, double and int exactly).
+// One block per row (at most 32 warps). Warp results are staged in shared memory, one slot
+// per warp, as double (which holds every float, double and int exactly); every warp then
+// combines the slots with the same shuffles, so all threads get identical values.
 struct BlockGroup {
   int rank;
   double* ends;
   double* scratch;  // PC_WARP slots
   __device__ int size() const { return blockDim.x; }
+  __device__ int lane() const { return rank % PC_WARP; }
   __device__ int warps() const { return (int)(blockDim.x / PC_WARP); }
   template <typename V, typename Op>
   __device__ V reduce(V v, Op op) const {
     v = warp_reduce(v, op);
-    if (rank % PC_WARP == 0) scratch[rank / PC_WARP] = (double)v;
+    if (lane() == 0) scratch[rank / PC_WARP] = (double)v;
     __syncthreads();
-    V out = (V)scratch[0];
-    for (int w = 1; w < warps(); ++w) out = op(out, (V)scratch[w]);
-    __syncthreads();
-    return out;
+    V out = (V)scratch[lane() < warps() ? lane() : 0];
+    __syncthreads();  // slots read before they are written again
+    return warp_reduce(out, op);
   }
-  __device__ double scan(double v) const {
-    v = warp_inclusive_scan(v, rank % PC_WARP);
-    if (rank % PC_WARP == PC_WARP - 1) scratch[rank / PC_WARP] = v;
+  __device__ Scan scan(double v) const {
+    const double inclusive = warp_inclusive_scan(v, lane());
+    if (lane() == PC_WARP - 1) scratch[rank / PC_WARP] = inclusive;
+    const double before = __shfl_up_sync(PC_FULL_MASK, inclusive, 1);
     __syncthreads();
-    double offset = 0.0;
-    for (int w = 0; w < rank / PC_WARP; ++w) offset += scratch[w];
-    __syncthreads();
-    return offset + v;
-  }
-  __device__ double last(double v) const {
-    if (rank == size() - 1) scratch[0] = v;
-    __syncthreads();
-    const double out = scratch[0];
-    __syncthreads();
-    return out;
+    const double warp_inclusive = warp_inclusive_scan(lane() < warps() ? scratch[lane()] : 0.0, lane());
+    __syncthreads();  // slots read before they are written again
+    const int warp = rank / PC_WARP;
+    const double offset = __shfl_sync(PC_FULL_MASK, warp_inclusive, warp > 0 ? warp - 1 : 0);
+    const double total = __shfl_sync(PC_FULL_MASK, warp_inclusive, warps() - 1);
+    const double in_warp = lane() == 0 ? 0.0 : before;
+    return Scan{warp > 0 ? offset + in_warp : in_warp, total};
   }
   __device__ void sync() const { __syncthreads(); }
 };
 
-// The row of draw ``draw``: table row + addend row (fused gather), read at column c.
+// The row of a draw: table row + addend row (fused gather), read at column c.
 template <typename T>
 struct DrawRow {
   const T* table;
@@ -113,29 +122,43 @@ struct DrawRow {
   __device__ T operator()(int c) const { return addend ? (T)(table[c] + addend[c]) : table[c]; }
 };
 
+// Probabilities p = exp(logit - m) of the PC_CDF_ITEMS consecutive elements from ``first``
+// (0 beyond C) and their sum in double, in column order.
+template <typename T>
+__device__ inline double tile_items(const DrawRow<T>& row, T m, int first, int C, T (&p)[PC_CDF_ITEMS]) {
+  double sum = 0.0;
+  for (int e = 0; e < PC_CDF_ITEMS; ++e) {
+    p[e] = first + e < C ? pc_exp((T)(row(first + e) - m)) : (T)0;
+    sum += (double)p[e];
+  }
+  return sum;
+}
+
 template <typename T, typename Group>
 __device__ long long inverse_cdf_row(const Group& group, const DrawRow<T>& row, T u, int C) {
-  const int size = group.size();
-  const int tiles = (C + size - 1) / size;
+  const int span = group.size() * PC_CDF_ITEMS;
+  const int tiles = (C + span - 1) / span;
   T m = (T)-INFINITY;
-  for (int c = group.rank; c < C; c += size) m = pc_max(m, row(c));
+  for (int c = group.rank; c < C; c += group.size()) m = pc_max(m, row(c));
   m = group.reduce(m, MaxOp());
   if (!pc_isfinite(m)) m = (T)0;
-  // pass 2: running prefix at each tile's end, and the last positive index
+  // pass 2: the running prefix at each tile's end, and the last positive index
+  T p[PC_CDF_ITEMS];
   double base = 0.0;
   int last_positive = -1;
   for (int j = 0; j < tiles; ++j) {
-    const int c = j * size + group.rank;
-    const T p = c < C ? pc_exp((T)(row(c) - m)) : (T)0;
-    if (p > (T)0) last_positive = c;
-    base = group.last(base + group.scan((double)p));
+    const int first = j * span + group.rank * PC_CDF_ITEMS;
+    const Scan scan = group.scan(tile_items(row, m, first, C, p));
+    for (int e = 0; e < PC_CDF_ITEMS; ++e)
+      if (p[e] > (T)0) last_positive = first + e;
+    base += scan.total;
     if (group.rank == 0) group.ends[j] = base;
   }
   last_positive = group.reduce(last_positive, MaxOp());
   group.sync();  // ends[] written by rank 0 is read by every rank below
   const T target = u * (T)base;
   int tile = PC_NO_INDEX;
-  for (int j = group.rank; j < tiles; j += size) {
+  for (int j = group.rank; j < tiles; j += group.size()) {
     if ((T)group.ends[j] > target) {
       tile = j;
       break;
@@ -143,15 +166,23 @@ __device__ long long inverse_cdf_row(const Group& group, const DrawRow<T>& row, 
   }
   tile = group.reduce(tile, MinOp());
   long long index = C;
-  if (tile != PC_NO_INDEX) {  // rescan the crossing tile exactly as pass 2 did
-    const int c = tile * size + group.rank;
-    const T p = c < C ? pc_exp((T)(row(c) - m)) : (T)0;
-    const double prefix = (tile > 0 ? group.ends[tile - 1] : 0.0) + group.scan((double)p);
-    index = group.reduce(p > (T)0 && (T)prefix > target ? c : PC_NO_INDEX, MinOp());
-    // A parallel prefix need not grow monotonically within the tile: if no positive entry's
+  if (tile != PC_NO_INDEX) {  // rescan the crossing tile
+    const int first = tile * span + group.rank * PC_CDF_ITEMS;
+    const Scan scan = group.scan(tile_items(row, m, first, C, p));
+    double prefix = (tile > 0 ? group.ends[tile - 1] : 0.0) + scan.exclusive;
+    int crossing = PC_NO_INDEX, positive = -1;
+    for (int e = 0; e < PC_CDF_ITEMS; ++e) {
+      prefix += (double)p[e];
+      if (p[e] > (T)0) {
+        positive = first + e;
+        if (crossing == PC_NO_INDEX && (T)prefix > target) crossing = first + e;
+      }
+    }
+    index = group.reduce(crossing, MinOp());
+    // The parallel prefixes need not reach the tile's end exactly: if no positive entry's
     // prefix exceeds the target, take the tile's last positive entry (the tile has some,
     // since its end exceeds the previous tile's).
-    if (index == PC_NO_INDEX) index = group.reduce(p > (T)0 ? c : -1, MaxOp());
+    if (index == PC_NO_INDEX) index = group.reduce(positive, MaxOp());
   }
   const long long clamp = last_positive < 0 ? 0 : last_positive;
   return index < clamp ? index : clamp;

@@ -185,8 +185,8 @@ CDF_WARP_MAX_C = 4096
 """Longest row ``pc_inverse_cdf_warp_*`` takes (a warp per row); longer rows take a block each."""
 CDF_BLOCK = 1024
 """Threads per block of ``pc_inverse_cdf_block_*`` (one block per row)."""
-CDF_BLOCK_MAX_C = 1024 * 4096
-"""Longest row ``pc_inverse_cdf_block_*`` takes (4096 tiles of shared memory)."""
+CDF_BLOCK_MAX_C = 1024 * 4 * 4096
+"""Longest row ``pc_inverse_cdf_block_*`` takes (4096 tiles of 4096 elements in shared memory)."""
 
 
 def inverse_cdf(runner: KernelRunner, table: torch.Tensor, uniforms: torch.Tensor, rows: torch.Tensor | None = None,
