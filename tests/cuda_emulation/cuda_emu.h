@@ -9,11 +9,25 @@
 // arithmetic; only the full mask 0xffffffff is accepted, and every lane of the warp must take
 // part. atomicAdd is a plain read-modify-write: fibers never preempt each other inside it, so
 // it is atomic; the order of the additions follows the thread order, as on a GPU it varies. The emulator compiles with -ffp-contract=fast -mfma -fexpensive-optimizations, so a*b+c becomes
-// one fused multiply-add as nvcc's default --fmad=true makes it.
+// one fused multiply-add as nvcc's default --fmad=true makes it. expf, exp, logf and log carry
+// errors up to CUDA's documented bounds (see the end of this file).
 #pragma once
 
+// Every standard header the emulator uses comes first: the math macros at the end of this
+// file must not reach into the library's own code (this header is force-included everywhere).
+#include <ucontext.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdio>
+#include <limits>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
 #include <cstdint>
 #include <cstring>
 
@@ -102,3 +116,30 @@ inline V atomicAdd(V* address, V value) {
   *address = old + value;
   return old;
 }
+
+// CUDA's math functions are not correctly rounded: the CUDA C Programming Guide bounds expf by
+// 2 ulps and logf, exp, log by 1 ulp. The kernels see the host's (nearly correctly rounded)
+// result moved by a deterministic, argument-dependent number of ulps within those bounds, so
+// tests must tolerate a GPU's math library, not just the host's.
+namespace cuda_emu {
+template <typename F>
+F within_ulps(F value, F argument, int max_ulps) {
+  if (!std::isfinite(value) || value == F(0)) return value;
+  std::uint64_t bits = 0;
+  std::memcpy(&bits, &argument, sizeof(F));
+  bits = (bits ^ (bits >> 29)) * 0xbf58476d1ce4e5b9ull;
+  const int steps = (int)((bits >> 32) % (std::uint64_t)(2 * max_ulps + 1)) - max_ulps;
+  for (int i = 0; i < (steps < 0 ? -steps : steps); ++i)
+    value = std::nextafter(value, steps < 0 ? F(0) : std::numeric_limits<F>::infinity());
+  return value;
+}
+inline float device_expf(float x) { return within_ulps(std::exp(x), x, 2); }
+inline double device_exp(double x) { return within_ulps(std::exp(x), x, 1); }
+inline float device_logf(float x) { return within_ulps(std::log(x), x, 1); }
+inline double device_log(double x) { return within_ulps(std::log(x), x, 1); }
+}  // namespace cuda_emu
+
+#define expf(x) ::cuda_emu::device_expf(x)
+#define exp(x) ::cuda_emu::device_exp(x)
+#define logf(x) ::cuda_emu::device_logf(x)
+#define log(x) ::cuda_emu::device_log(x)
