@@ -4,9 +4,11 @@ Every operation of the compiled program that has a hand-written kernel goes thro
 here with a ``backend`` argument: ``"torch"`` always runs the torch path; ``"cuda"`` runs the
 kernels or raises :class:`BackendUnavailableError` saying why not; ``"auto"`` (default) picks,
 per operation, the route that is never slower: today the torch path for every operation, since
-no kernel has been measured faster than torch's (cuBLAS) route on a GPU and the estimates put
-the current kernels well below it (the routing table with the argument for each operation is in
-``pclayer/cuda/README.md``). ``"auto"`` therefore never depends on cupy working. cupy is imported only when CUDA tensors
+no kernel has been run, let alone timed, on a GPU (the routing table with the argument and the
+estimate for each operation is in ``pclayer/cuda/README.md``). ``"auto"`` therefore never
+depends on cupy working. Nothing in this module synchronises with the device: argument checks
+on CUDA tensors are queued device-side assertions (``torch._assert_async``); where the torch
+paths it calls still do, ``pclayer/cuda/README.md`` says so. cupy is imported only when CUDA tensors
 arrive (or :func:`backend_info` asks); any failure to import or use it (not installed, no
 driver: ``cudaErrorInsufficientDriver``) means the torch path. Every operation takes an
 optional ``record``, any object with a ``last_backend`` attribute (a circuit's
