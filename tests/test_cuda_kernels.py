@@ -195,10 +195,11 @@ def _uniforms_with_edges(g: torch.Generator, logits: torch.Tensor) -> torch.Tens
     return uniforms
 
 
-@given(st.integers(1, 300), st.sampled_from([1, 7, 33, 200, 4096, 4097, 5000]), DTYPES,
+@given(st.integers(1, 300), st.sampled_from([1, 7, 33, 200, 4096, 4097]), DTYPES,
        st.sampled_from([0.0, 0.4, 0.9, 1.0]), st.sampled_from([1.0, 50.0]), st.integers(0, 2**31))
 @example(9, 4096, torch.float32, 0.4, 1.0, 0)  # the widest warp row
 @example(2, 4097, torch.float64, 0.0, 1.0, 1)  # the narrowest block row
+@example(1, 9000, torch.float32, 0.4, 50.0, 2)  # three block tiles, the last partial
 def test_inverse_cdf_draws_as_torch_but_at_cdf_boundaries(rows, cols, dtype, neg_inf, scale, seed):
     g = torch.Generator().manual_seed(seed)
     rows = rows if cols <= 200 else min(rows, 3 if cols <= ops.CDF_WARP_MAX_C else 1)
@@ -209,8 +210,9 @@ def test_inverse_cdf_draws_as_torch_but_at_cdf_boundaries(rows, cols, dtype, neg
         assert_same_draws_but_at_boundaries(ops.inverse_cdf(runner(order), logits, uniforms), expected, logits, uniforms)
 
 
-@given(st.integers(1, 6), st.integers(1, 5), st.integers(0, 120), st.sampled_from([3, 12, 5000]), DTYPES,
+@given(st.integers(1, 6), st.integers(1, 5), st.integers(0, 120), st.sampled_from([3, 12, 200]), DTYPES,
        st.integers(0, 2**31))
+@example(3, 2, 2, 5000, torch.float32, 0)  # the block kernel
 def test_inverse_cdf_fuses_the_gather_of_weights_plus_values(weight_rows, value_rows, draws, cols, dtype, seed):
     """Draw a from logw[rows[a]] + x[x_rows[a]] in one kernel: as torch on the gathered sum."""
     g = torch.Generator().manual_seed(seed)

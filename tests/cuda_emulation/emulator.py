@@ -35,7 +35,7 @@ THREAD_ORDERS = {"index": 0, "reversed": 1, "shuffled": 2}
 # -ffp-contract=fast -mfma: contract a*b+c into one FMA as nvcc does by default (--fmad=true); GCC forms
 # FMAs in a pass that -O1 runs only with -fexpensive-optimizations
 _CXXFLAGS = ["-std=c++17", "-O1", "-g", "-fPIC", "-Wall", "-Wextra", "-Werror", "-ffp-contract=fast", "-mfma",
-             "-fexpensive-optimizations"]
+             "-fexpensive-optimizations", "-U_FORTIFY_SOURCE"]
 _SIGNATURE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)', re.S)
 _COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
 _VALUE_TYPES = {

@@ -9,6 +9,7 @@
 // block wait at __syncthreads (divergent barrier), a warp-level operation that not all 32
 // lanes of the warp reach (exited or absent lanes, or lanes at __syncthreads instead), and a
 // mask other than 0xffffffff.
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -36,7 +37,9 @@ constexpr unsigned kWarpSize = 32;
 enum class State { Ready, AtBlockBarrier, AtWarpOp, Failed, Done };
 
 struct Fiber {
-  ucontext_t context;
+  ucontext_t context;  // the fiber's start (makecontext); later switches use jump
+  jmp_buf jump;
+  bool started = false;
   dim3 index;
   size_t linear = 0;
   State state = State::Ready;
@@ -44,25 +47,29 @@ struct Fiber {
 
 using Thunk = void (*)(void**);
 
-thread_local ucontext_t scheduler_context;
+thread_local jmp_buf scheduler_jump;
 thread_local Fiber* current = nullptr;
 thread_local Thunk current_thunk = nullptr;
 thread_local void** current_args = nullptr;
 thread_local std::vector<std::uint64_t> slots;  // one slot per thread, for warp-level operations
 thread_local std::string failure;
 
-void fiber_main() {
+// Switches are _setjmp/_longjmp between stacks (no signal-mask system call, unlike
+// swapcontext); ucontext only starts each fiber on its own stack.
+[[noreturn]] void fiber_main() {
   current_thunk(current_args);
-  current->state = State::Done;  // returning resumes scheduler_context through uc_link
+  current->state = State::Done;
+  _longjmp(scheduler_jump, 1);
 }
 
 // Separate function so that getcontext's second return cannot clobber the caller's locals.
 __attribute__((noinline)) void start_fiber(Fiber& fiber, char* stack) {
   fiber.state = State::Ready;
+  fiber.started = false;
   getcontext(&fiber.context);
   fiber.context.uc_stack.ss_sp = stack;
   fiber.context.uc_stack.ss_size = kStackBytes;
-  fiber.context.uc_link = &scheduler_context;
+  fiber.context.uc_link = nullptr;  // fiber_main never returns
   makecontext(&fiber.context, fiber_main, 0);
 }
 
@@ -74,9 +81,19 @@ std::vector<size_t> order_of(size_t count, int order, std::mt19937_64& rng) {
   return out;
 }
 
+// Runs ``fiber`` until it waits or returns. A function of its own, so that no caller's local
+// lives across the _setjmp.
+__attribute__((noinline)) void resume(Fiber& fiber) {
+  if (_setjmp(scheduler_jump) == 0) {
+    if (fiber.started) _longjmp(fiber.jump, 1);
+    fiber.started = true;
+    setcontext(&fiber.context);
+  }
+}
+
 void wait(State state) {
   current->state = state;
-  swapcontext(&current->context, &scheduler_context);
+  if (_setjmp(current->jump) == 0) _longjmp(scheduler_jump, 1);
 }
 
 // Why the warp of thread ``first`` (its lane 0) cannot finish the warp-level operation some of
@@ -170,7 +187,7 @@ extern "C" int emu_launch(Thunk thunk, void** args, unsigned gx, unsigned gy, un
       Fiber& f = fibers[t];
       current = &f;
       thread_idx = f.index;
-      swapcontext(&scheduler_context, &f.context);
+      resume(f);
       if (f.state == State::Failed) return fail(failure);
       if (f.state == State::Done) --live, ++finished_in_phase;
       if (f.state == State::AtWarpOp) {
