@@ -55,14 +55,14 @@ def _runner():
 def _kernel_obstacle(tensors: tuple[torch.Tensor, ...], differentiable: bool) -> str | None:
     from pclayer.cuda.ops import SUPPORTED_DTYPES
 
+    if not differentiable and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return "this operation has no backward kernel and an input requires grad"
     devices = {t.device.type for t in tensors}
     if devices != {"cuda"}:
         return f"the kernels need CUDA tensors, got tensors on {sorted(devices)}"
     dtypes = {t.dtype for t in tensors if t.is_floating_point()}
     if not dtypes <= set(SUPPORTED_DTYPES):
         return f"the kernels support float32 and float64, got {sorted(map(str, dtypes))}"
-    if not differentiable and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return "this operation has no backward kernel and an input requires grad"
     return cuda_unavailable_reason()
 
 

@@ -13,7 +13,8 @@ def max_plus(x: torch.Tensor, logw: torch.Tensor) -> torch.Tensor:
 
     Computed a chunk of rows (or nodes) at a time, :data:`MAX_PLUS_CHUNK` elements of
     temporaries, never the whole (B, G, N, C) tensor. ``-inf`` entries are absorbing and NaN
-    propagates (``torch.amax``). Differentiable as ``amax`` (MPE runs without gradients)."""
+    propagates (``torch.amax``). Not differentiable: MPE runs without gradients (torch refuses
+    ``amax(out=...)`` on inputs that require grad)."""
     batch, groups, children = x.shape
     nodes = logw.shape[1]
     out = x.new_empty(batch, groups, nodes)
