@@ -25,12 +25,13 @@ from pclayer.numerics import CONVEX_SLACK, RENORMALISE_BELOW, SAFE_FLOOR
 from pclayer.ops.cross_product_sum import cross_product_chunk, cross_product_sum
 from pclayer.plan import InputLayerSpec, ProductLayerSpec, SumLayerSpec
 from pclayer.representations import LOG_SUM, SCALED, ScaledValue, add_scales, checked, rescaled
-from pclayer.runtime import Workspace
+from pclayer.runtime import DISABLED, Workspace
 from pclayer.tables import Tables
 from pclayer.topk import TopKEvidence
 
 class Chooser:
-    """Picks one index (A,) per row of log-weights (A, C) in the top-down pass.
+    """Picks one index (A,) per row of scores (A, C) in the top-down pass: log-weights, or
+    with ``linear`` non-negative weights.
 
     :meth:`uniforms` gives the randomness for a number of rows (None for deterministic
     choices) and :meth:`pick` chooses with it; a layer that splits its rows (top-k evidence)
@@ -40,39 +41,43 @@ class Chooser:
         """(count,) uniforms in [0, 1), or None for a deterministic chooser."""
         return None
 
-    def pick(self, logits: torch.Tensor, uniforms: torch.Tensor | None,
-             rows: torch.Tensor | None = None) -> torch.Tensor:
-        """(A,) chosen indices for ``logits`` (A, C) and ``uniforms`` (A,) or None; with
-        ``rows`` (A,), ``logits`` (R, C) is a table and choice ``a`` is made in its row
-        ``rows[a]`` (the same choice as from ``logits[rows]``)."""
+    def pick(self, scores: torch.Tensor, uniforms: torch.Tensor | None,
+             rows: torch.Tensor | None = None, linear: bool = False) -> torch.Tensor:
+        """(A,) chosen indices for ``scores`` (A, C) and ``uniforms`` (A,) or None; with
+        ``rows`` (A,), ``scores`` (R, C) is a table and choice ``a`` is made in its row
+        ``rows[a]`` (the same choice as from ``scores[rows]``). ``linear``: the scores are
+        non-negative weights, not log-weights. Callers pass scores of their own: the
+        chooser may overwrite them."""
         raise NotImplementedError
 
-    def __call__(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        return self.pick(logits, self.uniforms(logits.shape[0] if rows is None else rows.shape[0]), rows)
+    def __call__(self, scores: torch.Tensor, rows: torch.Tensor | None = None, linear: bool = False) -> torch.Tensor:
+        return self.pick(scores, self.uniforms(scores.shape[0] if rows is None else rows.shape[0]), rows, linear)
 
 
 class ArgmaxChooser(Chooser):
-    """The largest log-weight (MPE)."""
+    """The largest weight (MPE)."""
 
-    def pick(self, logits: torch.Tensor, uniforms: torch.Tensor | None,
-             rows: torch.Tensor | None = None) -> torch.Tensor:
-        best = logits.argmax(-1)
+    def pick(self, scores: torch.Tensor, uniforms: torch.Tensor | None,
+             rows: torch.Tensor | None = None, linear: bool = False) -> torch.Tensor:
+        best = scores.argmax(-1)
         return best if rows is None else best.index_select(0, rows)
 
 
 class ActiveNodes:
     """The active nodes of one layer in the top-down pass: pairs of draw ``b`` (A,) and node
-    ``node`` (A,) (int64), sorted by (draw, node) without repeats."""
+    ``node`` (A,) (int64), in no particular order. A node is active at most once per draw:
+    two active nodes of one draw with a common child would both contain its scope, which
+    decomposable products and smooth sums rule out (a draw's active nodes form a tree)."""
 
     def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor]], width: int, device: torch.device):
-        """Join ``(draws, nodes)`` pairs activated by the layers above (a node activated twice
-        in one draw counts once) for a layer of ``width`` nodes."""
+        """Join the ``(draws, nodes)`` pairs activated by the layers above for a layer of ``width`` nodes."""
         self.width = width
         if not parts:
             self.b = self.node = torch.zeros(0, dtype=torch.long, device=device)
-            return
-        keys = torch.unique(torch.cat([b * width + node for b, node in parts]))  # sorted
-        self.b, self.node = keys // width, keys % width
+        elif len(parts) == 1:
+            self.b, self.node = parts[0]
+        else:
+            self.b, self.node = torch.cat([b for b, _ in parts]), torch.cat([node for _, node in parts])
 
     def within(self, start: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(draws, node - start) of the active nodes in ``[start, start + size)``, in order."""
@@ -413,30 +418,35 @@ class InputLayer(nn.Module):
         owned = len(self.buckets) == 1 and workspace.enabled
         return checked(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1), None, low, owned=owned)
 
-    def _node_rows(self, i: int, tables: dict, bank: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
-        """(A, K) log-probability rows of input nodes ``node`` (A,) with bank rows ``bank`` (A,)."""
-        table = tables[self.buckets[i]["key"]]  # (banks, n, K)
+    def _node_rows(self, i: int, tables: dict, bank: torch.Tensor, node: torch.Tensor,
+                   scratch: Workspace = DISABLED) -> torch.Tensor:
+        """(A, K) rows of input nodes ``node`` (A,) with bank rows ``bank`` (A,) from the
+        (banks, n, K) table of bucket ``i`` in ``tables`` (into a ``scratch`` buffer when enabled)."""
+        table = tables[self.buckets[i]["key"]]
         shared = self.buckets[i]["shared"]
-        if shared is not None:
-            return table[shared].index_select(0, node)
-        return table.reshape(-1, table.shape[-1]).index_select(0, bank * table.shape[1] + node)
+        rows = table[shared] if shared is not None else table.reshape(-1, table.shape[-1])
+        index = node if shared is not None else bank * table.shape[1] + node
+        return torch.index_select(rows, 0, index, out=scratch.scratch("draw-rows", (len(index), rows.shape[1]), rows))
 
-    def emit(self, active: ActiveNodes, batch: int, tables: dict, x: torch.Tensor, missing: torch.Tensor | None,
+    def emit(self, active: ActiveNodes, batch: int, tables: Tables, x: torch.Tensor, missing: torch.Tensor | None,
              evidence, chooser: Chooser, normals: Callable[[int], torch.Tensor] | None, num_cats: int,
-             node_log_probs: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+             node_log_probs: bool, linear: bool, scratch: Workspace
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Values of the active input nodes (one per draw and variable) of ``batch`` draws.
 
         Returns ``(x_out (B, V), node (B, V) active input node index, node_log_probs (B, V, K)
         or None unless asked for)``; observed entries of ``x`` are kept, missing ones drawn by
-        ``chooser`` (tabular inputs) or by the distribution (continuous inputs: draws from
-        ``normals``, modes without). ``x``, ``missing`` and ``evidence`` have one row per draw
-        or one row shared by all.
+        ``chooser`` (tabular inputs; see :meth:`_choose_values` for ``linear``) or by the
+        distribution (continuous inputs: draws from ``normals``, modes without). ``x``,
+        ``missing`` and ``evidence`` have one row per draw or one row shared by all;
+        ``scratch`` holds the (draws, K) temporaries.
         """
         num_vars = x.shape[1]
         rows = x.shape[0]
         x_out = x.expand(batch, -1).clone()
         node = torch.full((batch, num_vars), -1, dtype=torch.long, device=x.device)
-        dtype = next(t for t in tables.values() if t.is_floating_point()).dtype
+        log = tables.log
+        dtype = next(t for t in log.values() if t.is_floating_point()).dtype
         node_logp = torch.full((batch, num_vars, max(num_cats, 1)), -torch.inf, dtype=dtype,
                                device=x.device) if node_log_probs else None
         start = 0
@@ -451,26 +461,39 @@ class InputLayer(nn.Module):
             node[b, var] = start + flat
             distribution = bucket["distribution"]
             if node_logp is not None and distribution.tabular:
-                node_logp[b, var, :bucket["num_cats"]] = self._node_rows(i, tables, bank, j)
+                node_logp[b, var, :bucket["num_cats"]] = self._node_rows(i, log, bank, j)
             start += size
             if missing is None:  # nothing to draw
                 continue
             draw = missing[_value_rows(b, rows), var]
             b, var, bank, j = b[draw], var[draw], bank[draw], j[draw]
             if not distribution.tabular:
-                value = distribution.draw(tables[bucket["key"]][bank], j, None if normals is None else normals(len(j)))
+                value = distribution.draw(log[bucket["key"]][bank], j, None if normals is None else normals(len(j)))
                 x_out[b, var] = value.to(x_out.dtype)
+            elif isinstance(evidence, TopKEvidence):
+                _emit_topk(x_out, b, _value_rows(b, rows), var, self._node_rows(i, log, bank, j), evidence, chooser)
             elif len(b):
-                k = bucket["num_cats"]
-                logp = self._node_rows(i, tables, bank, j)  # (A, K)
-                if isinstance(evidence, TopKEvidence):
-                    _emit_topk(x_out, b, _value_rows(b, rows), var, logp, evidence, chooser)
-                else:
-                    if evidence is not None:
-                        read = _value_rows(b, rows) * num_vars + var
-                        logp = logp + evidence.reshape(rows * num_vars, -1).index_select(0, read)[:, :k]
-                    x_out[b, var] = chooser(logp).to(x_out.dtype)
+                weights = None
+                if evidence is not None:
+                    read = _value_rows(b, rows) * num_vars + var
+                    table = evidence.reshape(rows * num_vars, -1)
+                    out = scratch.scratch("draw-evidence", (len(read), table.shape[1]), table)
+                    weights = torch.index_select(table, 0, read, out=out)[:, :bucket["num_cats"]]
+                x_out[b, var] = self._choose_values(i, tables, bank, j, weights, chooser, linear, scratch).to(x_out.dtype)
         return x_out, node, node_logp
+
+    def _choose_values(self, i: int, tables: Tables, bank: torch.Tensor, node: torch.Tensor,
+                       evidence: torch.Tensor | None, chooser: Chooser, linear: bool, scratch: Workspace) -> torch.Tensor:
+        """(A,) values chosen for input nodes ``node`` (A,) of tabular bucket ``i`` (bank rows
+        ``bank``) under ``evidence`` (A, K) log-weights or None. Without evidence and with
+        ``linear``, from the rows of the linear table (a normalised row never vanishes);
+        otherwise from log-values (evidence can put every category far below the floor)."""
+        key = self.buckets[i]["key"]
+        source = tables.linear(key)[0] if linear and evidence is None else tables.log[key]
+        scores = self._node_rows(i, {key: source}, bank, node, scratch)
+        if source is tables.log[key]:
+            return chooser(scores if evidence is None else scores.add_(evidence))
+        return chooser(scores, linear=True)
 
 
 def _emit_topk(x_out: torch.Tensor, b: torch.Tensor, eb: torch.Tensor, var: torch.Tensor, logp: torch.Tensor,
@@ -746,36 +769,46 @@ class SumLayer(_Reader):
             result.view(batch, groups, n).copy_(s.transpose(0, 1))
         return checked(result, None if common is None else common * 2, low * low * CONVEX_SLACK, owned=workspace.enabled)
 
-    def select(self, active: ActiveNodes, outputs: list[torch.Tensor], logweights: dict,
+    def select(self, active: ActiveNodes, values, tables: Tables,
                chooser: Chooser) -> tuple[torch.Tensor, torch.Tensor]:
         """Active positions of ``z`` as (draws, positions) pairs: each active sum node picks
         one child with probability proportional to weight times child value (or the best one
-        for MPE); ``outputs`` are log-values, one row per draw or one row shared by all."""
-        z = self.gather(outputs)
+        for MPE). ``values`` (a :class:`pclayer.traversal.LayerValues`) have one row per draw
+        or one row shared by all; the choice is made in linear space (weights times scaled
+        child values) when every source layer is scaled, else from log-values."""
+        linear = values.scaled is not None and not any(layer in values.logged for layer in self.source_layers)
+        if linear:
+            z = self.gather_scaled(values.scaled)[0]
+            weights, pad = {spec["key"]: tables.linear(spec["key"])[0] for spec in self.dense + self.sparse}, 0.0
+        else:
+            z, weights, pad = self.gather(values), tables.log, -torch.inf
+        combine = torch.mul if linear else torch.add
         picked = []
         start = 0
         for i, spec in enumerate(self.dense):
             x = self.dense_inputs(i, z)
-            logw = self.dense_logw(i, logweights, True)
-            n = logw.shape[1]
+            w = self.dense_logw(i, weights, True)
+            n = w.shape[1]
             size = spec["groups"] * n
             b, flat = active.within(start, size)
             g, j = (torch.zeros_like(flat), flat) if spec["groups"] == 1 else (flat // n, flat % n)
             if z.shape[0] == 1 and spec["groups"] * n <= len(b):  # shared values, more draws than nodes:
-                table = (logw + x[0].unsqueeze(1)).reshape(-1, logw.shape[-1])  # one distribution per node
-                chosen = chooser(table, flat)
+                table = combine(w, x[0].unsqueeze(1)).reshape(-1, w.shape[-1])  # one distribution per node
+                chosen = chooser(table, flat, linear=linear)
             else:
-                rows = logw[0].index_select(0, j) if logw.shape[0] == 1 else logw.reshape(-1, logw.shape[-1]).index_select(0, flat)
-                chosen = chooser(rows + x.reshape(-1, x.shape[-1]).index_select(0, _value_rows(b, z.shape[0]) * x.shape[1] + g))
+                rows = w[0].index_select(0, j) if w.shape[0] == 1 else w.reshape(-1, w.shape[-1]).index_select(0, flat)
+                children = x.reshape(-1, x.shape[-1]).index_select(0, _value_rows(b, z.shape[0]) * x.shape[1] + g)
+                chosen = chooser(rows.mul_(children) if linear else rows.add_(children), linear=linear)
             picked.append((b, getattr(self, f"dense_children_{i}")[g, chosen]))
             start += size
         if self.sparse:
-            zp = torch.cat([z, z.new_full((z.shape[0], 1), -torch.inf)], dim=1)
+            zp = torch.cat([z, z.new_full((z.shape[0], 1), pad)], dim=1)
             for i, spec in enumerate(self.sparse):
                 children = getattr(self, f"sparse_children_{i}")
                 size = children.shape[0]
                 b, j = active.within(start, size)
-                chosen = chooser(logweights[spec["key"]][j] + zp[_value_rows(b, z.shape[0])[:, None], children[j]])
+                scores = combine(weights[spec["key"]][j], zp[_value_rows(b, z.shape[0])[:, None], children[j]])
+                chosen = chooser(scores, linear=linear)
                 picked.append((b, children[j, chosen]))
                 start += size
         if len(picked) == 1:

@@ -2,7 +2,8 @@
 // caller-given uniform u (A,), exactly as the torch path pclayer.ops.inverse_cdf:
 //   probs = exp(logits - max) (max replaced by 0 when not finite), cdf = cumsum(probs)
 //   accumulated in double and rounded to T per element (as torch's CPU cumsum does),
-//   index = #{c : cdf[c] <= u * cdf[C-1]} clamped to the last c with probs[c] > 0 (0 if none).
+//   index = the first c with cdf[c] > min(u * total, the T below total): where u * total
+//   rounds up to the total, the first c at which the CDF reaches it; 0 for a row of zeros.
 // Used for a sum node's child (logits = log-weight + child value) and an input node's value.
 #include "logspace.h"
 
@@ -17,14 +18,12 @@ __device__ void inverse_cdf(const T* __restrict__ logits, const T* __restrict__ 
   for (int c = 0; c < C; ++c) m = l[c] > m ? l[c] : m;
   if (!pc_isfinite(m)) m = (T)0;
   double running = 0.0;
-  int last_positive = 0;
-  for (int c = 0; c < C; ++c) {
-    const T p = pc_exp((T)(l[c] - m));
-    running += (double)p;
-    if (p > (T)0) last_positive = c;
-  }
-  const T target = uniforms[i] * (T)running;
-  long long index = C;
+  for (int c = 0; c < C; ++c) running += (double)pc_exp((T)(l[c] - m));
+  const T total = (T)running;
+  const T below_total = pc_below(total);
+  const T scaled = uniforms[i] * total;
+  const T target = scaled < below_total ? scaled : below_total;
+  long long index = 0;
   running = 0.0;
   for (int c = 0; c < C; ++c) {
     running += (double)pc_exp((T)(l[c] - m));
@@ -33,7 +32,7 @@ __device__ void inverse_cdf(const T* __restrict__ logits, const T* __restrict__ 
       break;
     }
   }
-  out[i] = index < last_positive ? index : last_positive;
+  out[i] = index;
 }
 
 extern "C" __global__ void pc_inverse_cdf_f32(const float* __restrict__ logits, const float* __restrict__ uniforms,

@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 
 from pclayer.ops.inverse_cdf import inverse_cdf as _torch_inverse_cdf
+from pclayer.ops.inverse_cdf import inverse_cdf_weights as _torch_inverse_cdf_weights
 from pclayer.ops.log_matmul_exp import log_matmul_exp
 from pclayer.ops.masked_logsumexp import masked_logsumexp
 from pclayer.ops.sparse_evidence import categorical_topk_evidence as _torch_topk
@@ -173,14 +174,17 @@ def categorical_topk_evidence(values: torch.Tensor, indices: torch.Tensor, log_t
     return _torch_topk(values, indices, log_table)
 
 
-def inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor, backend: Backend = "auto", record: object | None = None,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Top-down sampling choice: index per row of logits (A, C) by inverse CDF with uniforms (A,)
-    in [0, 1]; kernel and torch path choose identically for identical uniforms. With ``rows``
-    (A,) int64, ``logits`` (R, C) is a table and draw ``a`` uses its row ``rows[a]`` (the
-    choice of ``inverse_cdf(logits[rows], uniforms)``). Returns (A,) int64."""
-    _check_float("logits", logits, 2)
-    draws = logits.shape[0] if rows is None else rows.shape[0]
+def inverse_cdf(scores: torch.Tensor, uniforms: torch.Tensor, backend: Backend = "auto", record: object | None = None,
+                rows: torch.Tensor | None = None, linear: bool = False, overwrite: bool = False) -> torch.Tensor:
+    """Top-down sampling choice: index per row of scores (A, C) by inverse CDF with uniforms
+    (A,) in [0, 1]. ``scores`` are logits (log-sum representation; kernel and torch path
+    choose identically for identical uniforms) or, with ``linear``, non-negative weights
+    (scaled representation; the kernel reads their logarithms). With ``rows`` (A,) int64,
+    ``scores`` (R, C) is a table and draw ``a`` uses its row ``rows[a]`` (the choice of
+    ``inverse_cdf(scores[rows], uniforms)``). ``overwrite``: ``scores`` may be overwritten
+    (the torch path then works in place). Returns (A,) int64."""
+    _check_float("scores", scores, 2)
+    draws = scores.shape[0] if rows is None else rows.shape[0]
     if rows is not None and (rows.dtype != torch.int64 or rows.dim() != 1):
         raise ValueError(f"rows: expected a 1-d int64 tensor, got {rows.dtype} of shape {tuple(rows.shape)}")
     if not isinstance(uniforms, torch.Tensor) or uniforms.shape != (draws,):
@@ -189,8 +193,9 @@ def inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor, backend: Backend =
         low, high = torch.aminmax(uniforms)  # NaN makes both comparisons false
         if not (bool(low >= 0) and bool(high <= 1)):
             raise ValueError("uniforms: expected values in [0, 1] without NaN")
-    if choose_backend(backend, "inverse_cdf", (logits, uniforms), record=record) == "cuda":  # an index has no gradient
+    if choose_backend(backend, "inverse_cdf", (scores, uniforms), record=record) == "cuda":  # an index has no gradient
         from pclayer.cuda import ops
 
-        return ops.inverse_cdf(_runner(), (logits if rows is None else logits.index_select(0, rows)).detach(), uniforms)
-    return _torch_inverse_cdf(logits, uniforms, rows)
+        picked = (scores if rows is None else scores.index_select(0, rows)).detach()
+        return ops.inverse_cdf(_runner(), picked.log() if linear else picked, uniforms)
+    return (_torch_inverse_cdf_weights if linear else _torch_inverse_cdf)(scores, uniforms, rows, owned=overwrite)

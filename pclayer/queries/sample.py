@@ -39,9 +39,10 @@ class _InverseCDF(Chooser):
     def uniforms(self, count: int) -> torch.Tensor:
         return torch.rand(count, generator=self.generator, dtype=self.dtype, device=self.device)
 
-    def pick(self, logits: torch.Tensor, uniforms: torch.Tensor | None,
-             rows: torch.Tensor | None = None) -> torch.Tensor:
-        return dispatch.inverse_cdf(logits, uniforms, backend=self.runtime.backend, record=self.runtime, rows=rows)
+    def pick(self, scores: torch.Tensor, uniforms: torch.Tensor | None,
+             rows: torch.Tensor | None = None, linear: bool = False) -> torch.Tensor:
+        return dispatch.inverse_cdf(scores, uniforms, backend=self.runtime.backend, record=self.runtime, rows=rows,
+                                    linear=linear, overwrite=True)
 
 
 def _rows(value: torch.Tensor | TopKEvidence | None) -> int | None:
@@ -121,7 +122,7 @@ def sample(circuit, num_samples: int | None = None, *, x: torch.Tensor | None = 
     def normals(count: int) -> torch.Tensor:
         return torch.randn(count, generator=generator, dtype=dtype, device=device)
 
-    x_out, node, node_logp = top_down(circuit, values, tables.log, ev.x, ev.missing, ev.soft_evidence,
+    x_out, node, node_logp = top_down(circuit, values, tables, ev.x, ev.missing, ev.soft_evidence,
                                       chooser, normals, node_log_probs=return_nodes, draws=draws)
     x_out = torch.where(missing, x_out.to(x.dtype), x) if missing is not None else x.expand(draws, -1).clone()
     if return_nodes:
