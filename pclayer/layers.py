@@ -574,12 +574,18 @@ class ProductLayer(_Reader):
     def fan_in(self) -> int:
         return self.child_index.shape[1]
 
-    def child_column(self, z: torch.Tensor, f: int) -> torch.Tensor:
-        """(B, P) values of every product's ``f``-th child from the gathered ``z`` (B, M)."""
-        start = self.child_starts[f]
-        if start is not None:
-            return z.narrow(1, start, self.num_nodes)
-        return z.index_select(1, self.child_index[:, f])
+    def child_columns(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """(B, P) values of every product's ``f``-th child, for each ``f``, from the gathered
+        ``z`` (B, M). When the children's column runs tile ``z``, ``z`` is split once (under
+        autograd a narrow per child would build a full-size zero gradient each)."""
+        p = self.num_nodes
+        starts = self.child_starts
+        if all(start is not None for start in starts) and z.shape[1] == p * len(starts) and p > 0 \
+                and sorted(starts) == list(range(0, z.shape[1], p)):
+            pieces = z.split(p, dim=1)
+            return [pieces[start // p] for start in starts]
+        return [z.narrow(1, start, p) if start is not None else z.index_select(1, self.child_index[:, f])
+                for f, start in enumerate(starts)]
 
     def _outer_parts(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         groups, left, right = self.outer[0].shape[0], self.outer[0].shape[1], self.outer[1].shape[1]
@@ -605,9 +611,10 @@ class ProductLayer(_Reader):
             return (a + b).reshape(z.shape[0], self.num_nodes)
         if self.padded:
             z = torch.cat([z, z.new_zeros(z.shape[0], 1)], dim=1)
-        out = self.child_column(z, 0)
-        for f in range(1, self.fan_in):
-            out = out + self.child_column(z, f)
+        columns = self.child_columns(z)
+        out = columns[0]
+        for column in columns[1:]:
+            out = out + column
         return out
 
     def scaled_forward(self, outputs: ScaledOutputs, tables: Tables | None, workspace: Workspace,
@@ -641,7 +648,7 @@ class ProductLayer(_Reader):
         if self.outer is not None:
             a, b = self._outer_parts(z)
             return checked((a * b).reshape(z.shape[0], self.num_nodes), scale, low * low)
-        return checked(_multiply([self.child_column(z, f) for f in range(self.fan_in)]), scale, low ** self.fan_in)
+        return checked(_multiply(self.child_columns(z)), scale, low ** self.fan_in)
 
     def select(self, active: ActiveNodes, outputs: list[torch.Tensor], tables: dict,
                chooser: Chooser) -> tuple[torch.Tensor, torch.Tensor]:
