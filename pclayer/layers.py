@@ -337,9 +337,16 @@ class InputLayer(nn.Module):
         some entry would fall below the floor. Tabular inputs under dense (or no) evidence are
         computed in linear space: rows of the evidence are shifted by their maximum ``m_b``,
         observed entries are ``theta[x] exp(w[x] - m_b)`` and summed-out ones one matrix
-        product ``exp(w - m_b) @ theta^T`` with the linear tables."""
-        if self.all_tabular and not isinstance(evidence, TopKEvidence):
-            if evidence is None and missing is None and self._tables_are_small(tables, x.shape[0]):
+        product ``exp(w - m_b) @ theta^T`` with the linear tables. Under top-k evidence with
+        cached tables, every entry reads rows of the transposed linear tables: one per observed
+        value, and the ``k`` candidates' rows weighted by ``exp(w - m_b)`` per summed-out one
+        (under autograd the log path reads only the candidates' entries of the tables)."""
+        if self.all_tabular:
+            value = None
+            if isinstance(evidence, TopKEvidence):
+                if tables.cached:
+                    value = self._linear_topk_values(tables, x, missing, evidence)
+            elif evidence is None and missing is None and self._tables_are_small(tables, x.shape[0]):
                 value = self._observed_probabilities(tables, x, workspace)
             else:
                 value = self._linear_values(tables, x, missing, evidence)
@@ -348,6 +355,57 @@ class InputLayer(nn.Module):
         log_values = self.log_forward(tables.log, x, missing, evidence, LOG_SUM, runtime)
         value = rescaled(log_values)
         return log_values if value is None else value
+
+    def _linear_topk_values(self, tables: Tables, x: torch.Tensor, missing: torch.Tensor | None,
+                            evidence: TopKEvidence) -> ScaledValue | None:
+        """Tabular inputs under top-k evidence in linear space (see :meth:`scaled_forward`);
+        ``m_b`` is the largest weight of row ``b`` (0 for variables without evidence)."""
+        free = evidence.free
+        weights = evidence.values if free is None else evidence.values.masked_fill(free.unsqueeze(-1), 0.0)
+        top = weights.detach().amax(dim=(1, 2)).unsqueeze(1)  # (B, 1)
+        scale = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        weights = torch.exp(weights - scale.unsqueeze(2))  # (B, V, k), at most 1
+        outs = []
+        for i, bucket in enumerate(self.buckets):
+            k, n = bucket["num_cats"], bucket["num_nodes"]
+            linear = tables.linear(bucket["key"], transposed=True)[0].view(-1, n)  # row bank * K + category
+            first = (getattr(self, f"bank_{i}") * k)[None, :]  # (1, G)
+            idx = self._columns(i, x).long().clamp(0, k - 1)
+            candidates = self._columns(i, evidence.indices)  # (B, G, k)
+            w = self._columns(i, weights)  # where free: exp(0 - m_b), the weight of every category
+            picked = torch.where(candidates == idx.unsqueeze(-1), w, torch.zeros_like(w)).sum(-1)
+            if free is not None:
+                picked = torch.where(self._columns(i, free), w[:, :, 0], picked)
+            value = linear.index_select(0, (first + idx).reshape(-1)).view(*idx.shape, n) * picked.unsqueeze(-1)
+            if missing is not None:
+                value = self._with_topk_marginals(linear, first, candidates, w, self._columns(i, missing),
+                                                  None if free is None else self._columns(i, free), value)
+            outs.append(value.flatten(1))
+        return checked(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1), scale, 0.0)
+
+    @staticmethod
+    def _with_topk_marginals(linear: torch.Tensor, first: torch.Tensor, candidates: torch.Tensor, w: torch.Tensor,
+                             gone: torch.Tensor, free: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+        """``value`` (B, G, n) with its missing entries ``gone`` (B, G) replaced by
+        ``sum_j w[b, g, j] theta[g, n, candidates[b, g, j]]`` (rows of the transposed linear
+        table ``linear``, bank ``g`` starting at row ``first[0, g]``); free entries (no
+        evidence) sum a normalised row to one: ``w[b, g, 0]``."""
+        batch, groups, n = value.shape
+        k = w.shape[-1]
+        rows = gone.reshape(-1).nonzero().squeeze(1)
+        if not len(rows):
+            return value
+        flat_w = w.reshape(batch * groups, k).index_select(0, rows)  # (R, k)
+        flat_rows = (first.unsqueeze(-1) + candidates).reshape(batch * groups, k).index_select(0, rows)
+        step = max(1, (1 << 22) // max(k * n, 1))  # candidate rows gathered at a time: 16 MB in float32
+        parts = [torch.bmm(flat_w[r:r + step].unsqueeze(1),
+                           linear.index_select(0, flat_rows[r:r + step].reshape(-1)).view(-1, k, n)).squeeze(1)
+                 for r in range(0, len(rows), step)]
+        marginal = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if free is not None:
+            free_rows = free.reshape(-1).index_select(0, rows).unsqueeze(1)
+            marginal = torch.where(free_rows, flat_w[:, :1].expand(-1, n), marginal)
+        return value.reshape(batch * groups, n).index_copy(0, rows, marginal).view(batch, groups, n)
 
     def _linear_values(self, tables: Tables, x: torch.Tensor, missing: torch.Tensor | None,
                        evidence: torch.Tensor | None) -> ScaledValue | None:
@@ -418,24 +476,28 @@ class InputLayer(nn.Module):
         owned = len(self.buckets) == 1 and workspace.enabled
         return checked(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1), None, low, owned=owned)
 
+    def _table_rows(self, i: int, tables: dict, bank: torch.Tensor, node: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (R, K) rows of bucket ``i``'s table in ``tables`` and the row (A,) of each input
+        node ``node`` (A,) with bank rows ``bank`` (A,)."""
+        table = tables[self.buckets[i]["key"]]  # (banks, n, K)
+        shared = self.buckets[i]["shared"]
+        if shared is not None:
+            return table[shared], node
+        return table.reshape(-1, table.shape[-1]), bank * table.shape[1] + node
+
     def _node_rows(self, i: int, tables: dict, bank: torch.Tensor, node: torch.Tensor,
                    scratch: Workspace = DISABLED) -> torch.Tensor:
         """(A, K) rows of input nodes ``node`` (A,) with bank rows ``bank`` (A,) from the
         (banks, n, K) table of bucket ``i`` in ``tables`` (into a ``scratch`` buffer when enabled)."""
-        table = tables[self.buckets[i]["key"]]
-        shared = self.buckets[i]["shared"]
-        rows = table[shared] if shared is not None else table.reshape(-1, table.shape[-1])
-        index = node if shared is not None else bank * table.shape[1] + node
+        rows, index = self._table_rows(i, tables, bank, node)
         return torch.index_select(rows, 0, index, out=scratch.scratch("draw-rows", (len(index), rows.shape[1]), rows))
 
     def emit(self, active: ActiveNodes, batch: int, tables: Tables, x: torch.Tensor, missing: torch.Tensor | None,
-             evidence, chooser: Chooser, normals: Callable[[int], torch.Tensor] | None, num_cats: int,
-             node_log_probs: bool, linear: bool, scratch: Workspace
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+             evidence, chooser: Chooser, normals: Callable[[int], torch.Tensor] | None,
+             linear: bool, scratch: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
         """Values of the active input nodes (one per draw and variable) of ``batch`` draws.
 
-        Returns ``(x_out (B, V), node (B, V) active input node index, node_log_probs (B, V, K)
-        or None unless asked for)``; observed entries of ``x`` are kept, missing ones drawn by
+        Returns ``(x_out (B, V), node (B, V) active input node index)``; observed entries of ``x`` are kept, missing ones drawn by
         ``chooser`` (tabular inputs; see :meth:`_choose_values` for ``linear``) or by the
         distribution (continuous inputs: draws from ``normals``, modes without). ``x``,
         ``missing`` and ``evidence`` have one row per draw or one row shared by all;
@@ -446,9 +508,6 @@ class InputLayer(nn.Module):
         x_out = x.expand(batch, -1).clone()
         node = torch.full((batch, num_vars), -1, dtype=torch.long, device=x.device)
         log = tables.log
-        dtype = next(t for t in log.values() if t.is_floating_point()).dtype
-        node_logp = torch.full((batch, num_vars, max(num_cats, 1)), -torch.inf, dtype=dtype,
-                               device=x.device) if node_log_probs else None
         start = 0
         for i, bucket in enumerate(self.buckets):
             var_of_group = getattr(self, f"var_{i}")
@@ -460,8 +519,6 @@ class InputLayer(nn.Module):
             bank = getattr(self, f"bank_{i}")[g]
             node[b, var] = start + flat
             distribution = bucket["distribution"]
-            if node_logp is not None and distribution.tabular:
-                node_logp[b, var, :bucket["num_cats"]] = self._node_rows(i, log, bank, j)
             start += size
             if missing is None:  # nothing to draw
                 continue
@@ -471,7 +528,8 @@ class InputLayer(nn.Module):
                 value = distribution.draw(log[bucket["key"]][bank], j, None if normals is None else normals(len(j)))
                 x_out[b, var] = value.to(x_out.dtype)
             elif isinstance(evidence, TopKEvidence):
-                _emit_topk(x_out, b, _value_rows(b, rows), var, self._node_rows(i, log, bank, j), evidence, chooser)
+                table, row = self._table_rows(i, log, bank, j)
+                _emit_topk(x_out, b, _value_rows(b, rows), var, table, row, evidence, chooser)
             elif len(b):
                 weights = None
                 if evidence is not None:
@@ -480,7 +538,37 @@ class InputLayer(nn.Module):
                     out = scratch.scratch("draw-evidence", (len(read), table.shape[1]), table)
                     weights = torch.index_select(table, 0, read, out=out)[:, :bucket["num_cats"]]
                 x_out[b, var] = self._choose_values(i, tables, bank, j, weights, chooser, linear, scratch).to(x_out.dtype)
-        return x_out, node, node_logp
+        return x_out, node
+
+    def node_log_probs(self, node: torch.Tensor, tables: dict, num_cats: int,
+                       categories: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-probabilities under the input node ``node[b, i]`` (B, V) (an index within this
+        layer) of every category, (B, V, num_cats) (``-inf`` beyond the variable's categories),
+        or of ``categories`` (B, V, k) only; ``-inf`` for continuous variables. ``tables``: the
+        normalised log-tables."""
+        batch, num_vars = node.shape
+        width = max(num_cats, 1) if categories is None else categories.shape[-1]
+        dtype = next(t for t in tables.values() if t.is_floating_point()).dtype
+        out = torch.full((batch, num_vars, width), -torch.inf, dtype=dtype, device=node.device)
+        start = 0
+        for i, bucket in enumerate(self.buckets):
+            n, k = bucket["num_nodes"], bucket["num_cats"]
+            size = getattr(self, f"var_{i}").numel() * n
+            local = node - start
+            start += size
+            if not bucket["distribution"].tabular:
+                continue
+            b, var = ((local >= 0) & (local < size)).nonzero(as_tuple=True)
+            flat = local[b, var]
+            table, row = self._table_rows(i, tables, getattr(self, f"bank_{i}")[flat // n], flat % n)
+            if categories is None:
+                out[b, var, :k] = table.index_select(0, row)
+            else:
+                wanted = categories[b, var]  # (A, k)
+                entries = (row * k).unsqueeze(1) + wanted.clamp(0, k - 1)
+                inside = (wanted >= 0) & (wanted < k)
+                out[b, var] = torch.where(inside, table.reshape(-1)[entries], torch.full_like(entries, -torch.inf, dtype=dtype))
+        return out
 
     def _choose_values(self, i: int, tables: Tables, bank: torch.Tensor, node: torch.Tensor,
                        evidence: torch.Tensor | None, chooser: Chooser, linear: bool, scratch: Workspace) -> torch.Tensor:
@@ -496,12 +584,13 @@ class InputLayer(nn.Module):
         return chooser(scores, linear=True)
 
 
-def _emit_topk(x_out: torch.Tensor, b: torch.Tensor, eb: torch.Tensor, var: torch.Tensor, logp: torch.Tensor,
-               evidence: TopKEvidence, chooser: Chooser) -> None:
-    """Draw the values of active tabular inputs ``(b, var)`` (A,) with rows ``logp`` (A, K)
-    under top-k evidence (its rows ``eb`` (A,)) into ``x_out``: among the k candidates (sorted
-    by category, so inverse-CDF draws match the dense evidence's), or among all categories
-    where the variable is ``free``."""
+def _emit_topk(x_out: torch.Tensor, b: torch.Tensor, eb: torch.Tensor, var: torch.Tensor, table: torch.Tensor,
+               row: torch.Tensor, evidence: TopKEvidence, chooser: Chooser) -> None:
+    """Draw the values of active tabular inputs ``(b, var)`` (A,), whose log-probabilities are
+    the rows ``row`` (A,) of ``table`` (R, K), under top-k evidence (its rows ``eb`` (A,)) into
+    ``x_out``: among the k candidates (sorted by category, so inverse-CDF draws match the dense
+    evidence's; only their k entries of the table are read), or among all categories where
+    the variable is ``free``."""
     free = evidence.free[eb, var] if evidence.free is not None else torch.zeros_like(b, dtype=torch.bool)
     uniforms = chooser.uniforms(len(b))  # one per row, in row order, whichever group it falls in
     for rows, sparse in ((~free, True), (free, False)):
@@ -510,10 +599,11 @@ def _emit_topk(x_out: torch.Tensor, b: torch.Tensor, eb: torch.Tensor, var: torc
         u = None if uniforms is None else uniforms[rows]
         if sparse:
             candidates = evidence.indices[eb[rows], var[rows]]  # (R, k)
-            logits = logp[rows].gather(1, candidates) + evidence.values[eb[rows], var[rows]]
+            entries = (row[rows] * table.shape[1]).unsqueeze(1) + candidates
+            logits = table.reshape(-1)[entries] + evidence.values[eb[rows], var[rows]]
             chosen = candidates.gather(1, chooser.pick(logits, u).unsqueeze(1)).squeeze(1)
         else:
-            chosen = chooser.pick(logp[rows], u)
+            chosen = chooser.pick(table.index_select(0, row[rows]), u)
         x_out[b[rows], var[rows]] = chosen.to(x_out.dtype)
 
 

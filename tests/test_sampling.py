@@ -202,6 +202,19 @@ def test_return_nodes_gives_a_consistent_input_node_per_variable(root):
             assert stats.chisquare(counts[probs > 0], expected).pvalue > P_MIN
 
 
+def test_node_log_probs_at_categories_gather_the_full_rows(root):
+    """``node_log_probs_at`` reads only the asked categories of each chosen node: equal to the
+    full rows gathered, ``-inf`` for categories beyond a variable's own."""
+    circuit = pc.compile(root, dtype=torch.float64)
+    result = circuit.sample(50, generator=torch.Generator().manual_seed(7), return_nodes=True)
+    categories = torch.randint(0, circuit.num_cats, (50, circuit.num_vars, 4), generator=torch.Generator().manual_seed(8))
+    full = result.node_log_probs
+    torch.testing.assert_close(result.node_log_probs_at(categories), full.gather(-1, categories))
+    assert torch.equal(result.node_log_probs_at(None), full)
+    with pytest.raises(ValueError, match="categories: expected an int64 tensor of shape"):
+        result.node_log_probs_at(categories[:, :1])
+
+
 def test_sampling_is_reproducible_with_a_generator():
     circuit = pc.compile(_small_circuit())
     first = circuit.sample(50, generator=torch.Generator().manual_seed(9))
