@@ -338,14 +338,14 @@ class InputLayer(nn.Module):
         computed in linear space: rows of the evidence are shifted by their maximum ``m_b``,
         observed entries are ``theta[x] exp(w[x] - m_b)`` and summed-out ones one matrix
         product ``exp(w - m_b) @ theta^T`` with the linear tables. Under top-k evidence with
-        cached tables, every entry reads rows of the transposed linear tables: one per observed
-        value, and the ``k`` candidates' rows weighted by ``exp(w - m_b)`` per summed-out one
-        (under autograd the log path reads only the candidates' entries of the tables)."""
+        cached tables that calls reuse, every entry reads rows of the transposed linear
+        tables: one per observed value, and the ``k`` candidates' rows weighted by
+        ``exp(w - m_b)`` per summed-out one (otherwise the log path reads only the
+        candidates' entries of the log-tables)."""
         if self.all_tabular:
             value = None
             if isinstance(evidence, TopKEvidence):
-                if tables.cached:
-                    value = self._linear_topk_values(tables, x, missing, evidence)
+                value = self._linear_topk_values(tables, x, missing, evidence)
             elif evidence is None and missing is None and self._tables_are_small(tables, x.shape[0]):
                 value = self._observed_probabilities(tables, x, workspace)
             else:
@@ -359,7 +359,11 @@ class InputLayer(nn.Module):
     def _linear_topk_values(self, tables: Tables, x: torch.Tensor, missing: torch.Tensor | None,
                             evidence: TopKEvidence) -> ScaledValue | None:
         """Tabular inputs under top-k evidence in linear space (see :meth:`scaled_forward`);
-        ``m_b`` is the largest weight of row ``b`` (0 for variables without evidence)."""
+        ``m_b`` is the largest weight of row ``b`` (0 for variables without evidence). None
+        when a transposed table is not worth building (see :meth:`Tables.linear_if_reused`)."""
+        transposed = [tables.linear_if_reused(bucket["key"], transposed=True) for bucket in self.buckets]
+        if any(table is None for table in transposed):
+            return None
         free = evidence.free
         weights = evidence.values if free is None else evidence.values.masked_fill(free.unsqueeze(-1), 0.0)
         top = weights.detach().amax(dim=(1, 2)).unsqueeze(1)  # (B, 1)
@@ -368,7 +372,7 @@ class InputLayer(nn.Module):
         outs = []
         for i, bucket in enumerate(self.buckets):
             k, n = bucket["num_cats"], bucket["num_nodes"]
-            linear = tables.linear(bucket["key"], transposed=True)[0].view(-1, n)  # row bank * K + category
+            linear = transposed[i][0].view(-1, n)  # row bank * K + category
             first = (getattr(self, f"bank_{i}") * k)[None, :]  # (1, G)
             idx = self._columns(i, x).long().clamp(0, k - 1)
             candidates = self._columns(i, evidence.indices)  # (B, G, k)
