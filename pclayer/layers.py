@@ -93,6 +93,12 @@ def _value_rows(draws: torch.Tensor, rows: int) -> torch.Tensor:
     return draws if rows > 1 else torch.zeros_like(draws)
 
 
+def _bank(table: torch.Tensor, bank: int) -> torch.Tensor:
+    """Bank ``bank`` of a stacked (banks, ...) table; a view without a select when there is
+    one bank (under autograd a select's backward builds a zero tensor of the whole table)."""
+    return table.view(table.shape[1:]) if table.shape[0] == 1 else table[bank]
+
+
 def _register(module: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
     module.register_buffer(name, tensor, persistent=False)
     return getattr(module, name)
@@ -264,7 +270,7 @@ class InputLayer(nn.Module):
         bucket = self.buckets[i]
         table = tables[bucket["key"]]
         if bucket["shared"] is not None and broadcast:
-            return table[bucket["shared"]].unsqueeze(0)
+            return table if table.shape[0] == 1 else table[bucket["shared"]].unsqueeze(0)
         return table.index_select(0, getattr(self, f"bank_{i}"))
 
     def log_forward(self, tables: dict, x: torch.Tensor, missing: torch.Tensor | None, evidence,
@@ -289,7 +295,7 @@ class InputLayer(nn.Module):
                 table = tables[bucket["key"]]  # (banks, n, K)
                 idx = xg.long().clamp(0, k - 1)
                 if bucket["shared"] is not None:
-                    value = table[bucket["shared"]].t()[idx]  # (B, G, n)
+                    value = _bank(table, bucket["shared"]).t()[idx]  # (B, G, n)
                 else:
                     value = _categorical_rows(table, getattr(self, f"bank_{i}"), idx)
                 if isinstance(evidence, TopKEvidence):
@@ -486,7 +492,7 @@ class InputLayer(nn.Module):
         table = tables[self.buckets[i]["key"]]  # (banks, n, K)
         shared = self.buckets[i]["shared"]
         if shared is not None:
-            return table[shared], node
+            return _bank(table, shared), node
         return table.reshape(-1, table.shape[-1]), bank * table.shape[1] + node
 
     def _node_rows(self, i: int, tables: dict, bank: torch.Tensor, node: torch.Tensor,
