@@ -13,8 +13,9 @@ summed out. Products are additions in log space and multiplications in linear sp
   :data:`pclayer.numerics.SAFE_FLOOR` could have underflowed, so the traversal computes that layer in
   :data:`LOG_SUM` instead (see :mod:`pclayer.traversal`).
 
-Each formula exists once per representation here (the log-sum dense sum also has its CUDA
-twin behind :mod:`pclayer.ops.dispatch`).
+Each formula exists once per representation: here, in :mod:`pclayer.ops.linear_sums` (the
+scaled dense sum, which the fused cross-product sums also use) and behind
+:mod:`pclayer.ops.dispatch` (the log-sum dense sum, with its CUDA twin).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from pclayer.numerics import RENORMALISE_BELOW, SAFE_FLOOR
 from pclayer.ops import dispatch
+from pclayer.ops.linear_sums import linear_sums
 from pclayer.ops.sparse_evidence import candidate_log_weights
 
 def _backend(runtime) -> str:
@@ -104,56 +106,13 @@ class Scaled:
 
     def sum_dense(self, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """(B, G*N) sums of one dense bucket: ``x`` (B, G, C) probabilities, ``w`` (C, N)
-        weights shared by every group or (G, C, N); ``out`` an optional (B, G*N) buffer."""
-        b, g, c = x.shape
-        if w.dim() == 2:
-            return torch.mm(x.reshape(b * g, c) if g > 1 else x.view(b, c), w,
-                            out=None if out is None else out.view(b * g, w.shape[1])).view(b, g * w.shape[1])
-        if out is None and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
-            return _GroupProducts.apply(x, w)
-        return _group_products(x, w, out)
+        weights shared by every group or (G, C, N); ``out`` an optional (B, G*N) buffer
+        (:func:`pclayer.ops.linear_sums.linear_sums`)."""
+        return linear_sums(x, w, out)
 
     def sum_padded(self, a: torch.Tensor) -> torch.Tensor:
         """a (B, N, F) = child probability times weight (0 pads) -> (B, N)."""
         return a.sum(-1)
-
-
-def _group_products(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``out[:, g*N:(g+1)*N] = x[:, g] @ w[g]`` for x (B, G, C) and w (G, C, N): one product
-    per group written in place into the (B, G*N) output (no transposed copies, no join)."""
-    b, g, _ = x.shape
-    n = w.shape[2]
-    out = x.new_empty(b, g * n) if out is None else out
-    for group in range(g):
-        torch.mm(x[:, group], w[group], out=out[:, group * n:(group + 1) * n])
-    return out
-
-
-class _GroupProducts(torch.autograd.Function):
-    """:func:`_group_products` under autograd, with a backward of the same per-group products
-    (autograd through a join of per-group results would add a copy per pass and per group)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, w)
-        return _group_products(x, w)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        x, w = ctx.saved_tensors
-        b, g, c = x.shape
-        n = w.shape[2]
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = x.new_empty(b, g, c)
-            for group in range(g):
-                torch.mm(grad[:, group * n:(group + 1) * n], w[group].t(), out=grad_x[:, group])
-        if ctx.needs_input_grad[1]:
-            grad_w = w.new_empty(g, c, n)
-            for group in range(g):
-                torch.mm(x[:, group].t(), grad[:, group * n:(group + 1) * n], out=grad_w[group])
-        return grad_x, grad_w
 
 
 LOG_SUM = LogSum()
