@@ -7,7 +7,10 @@ with the circuit's normalised tables cached (the steady state of inference: para
 unchanged between calls) and cold (cache cleared before every call, as after each optimizer
 step), the time of the dense matrix products one pass needs ((W x V) @ (V x H) for the soft
 evidence and W (1 x H) @ (H x H) for the chain), the process's peak resident memory, and the
-top-k error of the normaliser log Z.
+top-k error of the normaliser log Z. Then one training step's ``codd_loss`` forward+backward
+(``--train-batch`` rows, default 2; 0 skips) at the full vocabulary and with top-k candidates,
+next to its dense-product floor (the forward's (B W x V) @ (V x H) product plus the emission
+gradient's (H x B W) @ (B W x V) product, timed in the same run).
 
 Measured on the shared 2-core CPU dev box (float32, 5 calls after a warm-up; other jobs
 loaded the box, so single-thread CPU time is the steady figure), best / median per call:
@@ -48,7 +51,7 @@ import time
 import torch
 
 import pclayer as pc
-from diffusion import CoDDLayer
+from diffusion import CoDDLayer, SparseLogits, codd_loss
 
 
 def call_seconds(fn, repeats: int) -> tuple[float, float]:
@@ -76,6 +79,7 @@ def main() -> None:
     parser.add_argument("--states", type=int, default=1024)
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--train-batch", type=int, default=2, help="batch of the training-step rows (0: skip them)")
     args = parser.parse_args()
     torch.manual_seed(0)
     v, w, h = args.vocab, args.window, args.states
@@ -118,7 +122,46 @@ def main() -> None:
         flops = 2 * w * v * h
         print(f"dense (W x V) @ (V x H): {matmul * 1e3:.1f} ms ({flops / matmul / 1e9:.0f} GFLOP/s); "
               f"exp of the (H x V) table: {exp_table * 1e3:.1f} ms; W chain products (1 x H) @ (H x H): {chain_s * 1e3:.2f} ms")
+    if args.train_batch:
+        train_rows(circuit, args)
     print(f"threads {torch.get_num_threads()}, peak RSS {peak_rss_gb():.2f} GB")
+
+
+def train_rows(circuit: pc.TensorCircuit, args: argparse.Namespace) -> None:
+    """One training step's ``codd_loss`` forward+backward at the full vocabulary and with
+    top-k candidates (cached logits, as ``train_codd(cache_logits=True, top_k=...)``), next
+    to its dense-product floor: the (B W x V) @ (V x H) product of the forward and the
+    (H x B W) @ (B W x V) product of the emission table's gradient."""
+    v, w, h, batch = args.vocab, args.window, args.states, args.train_batch
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(batch, w, v, generator=generator) * 4
+    x_0 = torch.randint(0, v, (batch, w), generator=generator)
+    x_t = x_0.clone()
+    x_t[:, ::2] = v
+    top_values, top_indices = logits.topk(args.top_k, dim=-1)
+    cases = {
+        "full vocabulary": (None, logits, x_0),
+        f"top-{args.top_k}": (args.top_k, SparseLogits(top_values, top_indices),
+                              torch.where(x_t == v, top_indices[..., 0], x_0)),  # clean tokens among the candidates
+    }
+    for name, (top_k, evidence, clean) in cases.items():
+        layer = CoDDLayer(circuit, mask_id=v, temperature=1.0, top_k=top_k)
+
+        def step() -> None:
+            circuit.zero_grad(set_to_none=True)
+            codd_loss(layer, clean, evidence, x_t).backward()
+
+        step()
+        best, median = call_seconds(step, args.repeats)
+        print(f"codd_loss forward+backward, B = {batch}, {name:16s}: best / median {best * 1e3:7.1f} / {median * 1e3:7.1f} ms"
+              f"   (peak RSS so far {peak_rss_gb():.2f} GB)")
+    circuit.zero_grad(set_to_none=True)
+    evidence = torch.rand(batch * w, v)
+    emission = torch.rand(h, v)
+    grad = torch.rand(h, batch * w)
+    floor = median_seconds(lambda: (evidence @ emission.t(), grad @ evidence), args.repeats)
+    print(f"training floor, B = {batch}: (B W x V) @ (V x H) plus (H x B W) @ (B W x V): {floor * 1e3:.1f} ms "
+          f"({2 * 2 * batch * w * v * h / floor / 1e9:.0f} GFLOP/s)")
 
 
 if __name__ == "__main__":

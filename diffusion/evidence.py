@@ -128,11 +128,20 @@ def check_logits(logits: object, num_vars: int, vocab: int) -> torch.Tensor | Sp
             f"logits: expected shape (B, w, V) with V = {vocab} (the circuit's vocabulary) and "
             f"1 <= w <= {num_vars} (the circuit's window), got {tuple(logits.shape)}"
         )
-    if torch.isnan(logits).any():
-        raise ValueError(f"logits: NaN at {tuple(int(i) for i in torch.isnan(logits).nonzero()[0])}")
-    if (logits == torch.inf).any():
-        raise ValueError("logits: +inf entries; expected finite logits (or -inf for excluded tokens)")
+    _check_no_nan_or_inf("logits", logits)
     return logits
+
+
+def _check_no_nan_or_inf(name: str, values: torch.Tensor) -> None:
+    """Raise for NaN or +inf entries of ``values`` (one reduction pass: the maximum is NaN or
+    +inf exactly when such an entry exists)."""
+    if not values.numel():
+        return
+    top = float(values.amax())
+    if top != top:
+        raise ValueError(f"{name}: NaN at {tuple(int(i) for i in torch.isnan(values).nonzero()[0])}")
+    if top == float("inf"):
+        raise ValueError(f"{name}: +inf entries; expected finite logits (or -inf for excluded tokens)")
 
 
 def check_sparse_logits(logits: SparseLogits, num_vars: int, vocab: int) -> SparseLogits:
@@ -150,10 +159,7 @@ def check_sparse_logits(logits: SparseLogits, num_vars: int, vocab: int) -> Spar
     ordered = indices.sort(dim=-1).values
     if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
         raise ValueError("logits.indices: a position lists the same token twice; expected distinct candidates")
-    if torch.isnan(values).any():
-        raise ValueError(f"logits.values: NaN at {tuple(int(i) for i in torch.isnan(values).nonzero()[0])}")
-    if (values == torch.inf).any():
-        raise ValueError("logits.values: +inf entries; expected finite logits (or -inf for excluded tokens)")
+    _check_no_nan_or_inf("logits.values", values)
     return logits
 
 
@@ -179,8 +185,9 @@ def tempered_top_k(logits: torch.Tensor | SparseLogits, temperature: float, top_
         if top_k is not None and top_k < values.shape[-1]:
             values, order = values.topk(top_k, dim=-1)
             indices = indices.gather(-1, order)
-    else:
-        values, indices = (logits.to(dtype) / temperature).topk(top_k, dim=-1)
+    else:  # dividing by tau > 0 keeps the order: only the kept logits are tempered
+        values, indices = logits.topk(top_k, dim=-1)
+        values = values.to(dtype) / temperature
     out = torch.log_softmax(values, dim=-1)
     if torch.isnan(out).any():
         raise ValueError("logits: a position has every kept logit equal to -inf")

@@ -140,21 +140,22 @@ class CoDDLayer(nn.Module):
         if rows.numel():
             sub = ev.rows(rows)
             with torch.no_grad():
-                new = self._window_logits(sub, generator)[:, : ev.width]
-            masked = sub.masked[:, : ev.width].unsqueeze(-1)
-            out[rows] = torch.where(masked, new.to(out.dtype), out[rows])
+                new = self._window_logits(sub, generator)
+            row, position = sub.masked[:, : ev.width].nonzero(as_tuple=True)
+            _write_positions(out, rows[row] * ev.width + position, new, row, position)
         return torch.log_softmax(out, dim=-1) if normalize else out
 
-    def _window_logits(self, ev: WindowEvidence, generator: torch.Generator | None) -> torch.Tensor:
+    def _window_logits(self, ev: WindowEvidence, generator: torch.Generator | None) -> torch.Tensor | SparseLogits:
         """(B, W, V) new logits for every position of the (gated) rows of ``ev`` (only the
-        masked positions are meaningful)."""
+        masked positions are meaningful), or, for the ``"latent"`` mode under top-k
+        evidence, :class:`SparseLogits` (B, W, k): the logits on the candidates, ``-inf``
+        elsewhere."""
         circuit = self.circuit
         if self.mode == "latent":
             result = circuit.sample(x=ev.x, missing=ev.missing, soft_evidence=ev.soft, generator=generator, return_nodes=True)
             if isinstance(ev.soft, pclayer.TopKEvidence):
                 indices = ev.soft.indices
-                picked = ev.soft.values + result.node_log_probs.gather(-1, indices)
-                return torch.full_like(result.node_log_probs, -torch.inf).scatter(-1, indices, picked)
+                return SparseLogits(ev.soft.values + result.node_log_probs_at(indices), indices)
             return ev.soft + result.node_log_probs
         if self.mode == "marginal":
             return torch.log(circuit.posterior(ev.x, missing=ev.missing, soft_evidence=ev.soft))
@@ -228,8 +229,22 @@ def _check_bool(name: str, value: object) -> bool:
 
 
 def _dense_logits(logits: torch.Tensor | SparseLogits, vocab: int) -> torch.Tensor:
-    """A (B, w, V) copy of the logits (``-inf`` outside the candidates of sparse logits)."""
+    """A contiguous (B, w, V) copy of the logits (``-inf`` outside the candidates of sparse logits)."""
     if isinstance(logits, SparseLogits):
         values, indices = logits
         return torch.full((*values.shape[:2], vocab), -torch.inf, dtype=values.dtype, device=values.device).scatter(-1, indices, values)
-    return logits.clone()
+    return logits.clone(memory_format=torch.contiguous_format)
+
+
+def _write_positions(out: torch.Tensor, target: torch.Tensor, new: torch.Tensor | SparseLogits,
+                     row: torch.Tensor, position: torch.Tensor) -> None:
+    """Write position ``(row[a], position[a])`` of ``new`` ((R, W, V), or sparse (R, W, k)
+    with ``-inf`` off the candidates) into row ``target[a]`` of ``out`` viewed as (B * w, V)."""
+    flat = out.view(-1, out.shape[-1])
+    if isinstance(new, SparseLogits):
+        values, indices = new
+        flat.index_fill_(0, target, -torch.inf)
+        entries = (target * flat.shape[1]).unsqueeze(1) + indices[row, position]
+        flat.view(-1).index_put_((entries.reshape(-1),), values[row, position].reshape(-1).to(out.dtype))
+    else:
+        flat.index_copy_(0, target, new[row, position].to(out.dtype))

@@ -31,7 +31,9 @@ def windowed_loss(layer: CoDDLayer, x_0: torch.Tensor, logits: torch.Tensor | Sp
                   weight: torch.Tensor) -> torch.Tensor:
     """:func:`codd_loss` over consecutive windows ``[0, W), [W, 2W), ...`` of sequences
     longer than the window (the last window may be shorter), normalised by the ``B * L``
-    positions: the loss :func:`train_codd` minimises.
+    positions: the loss :func:`train_codd` minimises. The full windows of all rows are one
+    batch of the circuit (the tables are normalised once for them), the shorter last
+    window another.
 
     Args:
         layer: the :class:`CoDDLayer`.
@@ -42,14 +44,25 @@ def windowed_loss(layer: CoDDLayer, x_0: torch.Tensor, logits: torch.Tensor | Sp
     Returns:
         Scalar float64 loss, differentiable with respect to the circuit parameters.
     """
-    length, window = x_0.shape[1], layer.window
+    batch, length = x_0.shape
+    window = layer.window
+    full = length // window * window
     total = torch.zeros((), dtype=torch.float64, device=x_0.device)
-    for start in range(0, length, window):
-        stop = min(start + window, length)
-        piece = logits.window(start, stop) if isinstance(logits, SparseLogits) else logits[:, start:stop]
-        part = codd_loss(layer, x_0[:, start:stop], piece, x_t[:, start:stop], weight)
-        total = total + part.to(torch.float64) * (x_0.shape[0] * (stop - start))
-    return total / (x_0.shape[0] * length)
+    if full:  # every full window of every row in one batch: one pass over the circuit's tables
+        count = full // window
+
+        def stacked(t: torch.Tensor) -> torch.Tensor:
+            return t[:, :full].reshape(batch * count, window, *t.shape[2:])
+
+        pieces = SparseLogits(stacked(logits.values), stacked(logits.indices)) if isinstance(logits, SparseLogits) \
+            else stacked(logits)
+        part = codd_loss(layer, stacked(x_0), pieces, stacked(x_t), weight.repeat_interleave(count))
+        total = total + part.to(torch.float64) * (batch * full)
+    if full < length:  # the shorter last window
+        piece = logits.window(full, length) if isinstance(logits, SparseLogits) else logits[:, full:]
+        part = codd_loss(layer, x_0[:, full:], piece, x_t[:, full:], weight)
+        total = total + part.to(torch.float64) * (batch * (length - full))
+    return total / (batch * length)
 
 
 def _process_group(distributed: bool, data: torch.Tensor, device: torch.device) -> tuple[int, int]:

@@ -25,12 +25,13 @@ from pclayer.numerics import CONVEX_SLACK, RENORMALISE_BELOW, SAFE_FLOOR
 from pclayer.ops.cross_product_sum import cross_product_chunk, cross_product_sum
 from pclayer.plan import InputLayerSpec, ProductLayerSpec, SumLayerSpec
 from pclayer.representations import LOG_SUM, SCALED, ScaledValue, add_scales, checked, rescaled
-from pclayer.runtime import Workspace
+from pclayer.runtime import DISABLED, Workspace
 from pclayer.tables import Tables
 from pclayer.topk import TopKEvidence
 
 class Chooser:
-    """Picks one index (A,) per row of log-weights (A, C) in the top-down pass.
+    """Picks one index (A,) per row of scores (A, C) in the top-down pass: log-weights, or
+    with ``linear`` non-negative weights.
 
     :meth:`uniforms` gives the randomness for a number of rows (None for deterministic
     choices) and :meth:`pick` chooses with it; a layer that splits its rows (top-k evidence)
@@ -40,39 +41,43 @@ class Chooser:
         """(count,) uniforms in [0, 1), or None for a deterministic chooser."""
         return None
 
-    def pick(self, logits: torch.Tensor, uniforms: torch.Tensor | None,
-             rows: torch.Tensor | None = None) -> torch.Tensor:
-        """(A,) chosen indices for ``logits`` (A, C) and ``uniforms`` (A,) or None; with
-        ``rows`` (A,), ``logits`` (R, C) is a table and choice ``a`` is made in its row
-        ``rows[a]`` (the same choice as from ``logits[rows]``)."""
+    def pick(self, scores: torch.Tensor, uniforms: torch.Tensor | None,
+             rows: torch.Tensor | None = None, linear: bool = False) -> torch.Tensor:
+        """(A,) chosen indices for ``scores`` (A, C) and ``uniforms`` (A,) or None; with
+        ``rows`` (A,), ``scores`` (R, C) is a table and choice ``a`` is made in its row
+        ``rows[a]`` (the same choice as from ``scores[rows]``). ``linear``: the scores are
+        non-negative weights, not log-weights. Callers pass scores of their own: the
+        chooser may overwrite them."""
         raise NotImplementedError
 
-    def __call__(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        return self.pick(logits, self.uniforms(logits.shape[0] if rows is None else rows.shape[0]), rows)
+    def __call__(self, scores: torch.Tensor, rows: torch.Tensor | None = None, linear: bool = False) -> torch.Tensor:
+        return self.pick(scores, self.uniforms(scores.shape[0] if rows is None else rows.shape[0]), rows, linear)
 
 
 class ArgmaxChooser(Chooser):
-    """The largest log-weight (MPE)."""
+    """The largest weight (MPE)."""
 
-    def pick(self, logits: torch.Tensor, uniforms: torch.Tensor | None,
-             rows: torch.Tensor | None = None) -> torch.Tensor:
-        best = logits.argmax(-1)
+    def pick(self, scores: torch.Tensor, uniforms: torch.Tensor | None,
+             rows: torch.Tensor | None = None, linear: bool = False) -> torch.Tensor:
+        best = scores.argmax(-1)
         return best if rows is None else best.index_select(0, rows)
 
 
 class ActiveNodes:
     """The active nodes of one layer in the top-down pass: pairs of draw ``b`` (A,) and node
-    ``node`` (A,) (int64), sorted by (draw, node) without repeats."""
+    ``node`` (A,) (int64), in no particular order. A node is active at most once per draw:
+    two active nodes of one draw with a common child would both contain its scope, which
+    decomposable products and smooth sums rule out (a draw's active nodes form a tree)."""
 
     def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor]], width: int, device: torch.device):
-        """Join ``(draws, nodes)`` pairs activated by the layers above (a node activated twice
-        in one draw counts once) for a layer of ``width`` nodes."""
+        """Join the ``(draws, nodes)`` pairs activated by the layers above for a layer of ``width`` nodes."""
         self.width = width
         if not parts:
             self.b = self.node = torch.zeros(0, dtype=torch.long, device=device)
-            return
-        keys = torch.unique(torch.cat([b * width + node for b, node in parts]))  # sorted
-        self.b, self.node = keys // width, keys % width
+        elif len(parts) == 1:
+            self.b, self.node = parts[0]
+        else:
+            self.b, self.node = torch.cat([b for b, _ in parts]), torch.cat([node for _, node in parts])
 
     def within(self, start: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(draws, node - start) of the active nodes in ``[start, start + size)``, in order."""
@@ -86,6 +91,12 @@ def _value_rows(draws: torch.Tensor, rows: int) -> torch.Tensor:
     """Rows of a top-down pass's inputs read by ``draws`` (A,): the inputs have one row per
     draw, or (``rows`` = 1) one row shared by every draw."""
     return draws if rows > 1 else torch.zeros_like(draws)
+
+
+def _bank(table: torch.Tensor, bank: int) -> torch.Tensor:
+    """Bank ``bank`` of a stacked (banks, ...) table; a view without a select when there is
+    one bank (under autograd a select's backward builds a zero tensor of the whole table)."""
+    return table.view(table.shape[1:]) if table.shape[0] == 1 else table[bank]
 
 
 def _register(module: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -259,7 +270,7 @@ class InputLayer(nn.Module):
         bucket = self.buckets[i]
         table = tables[bucket["key"]]
         if bucket["shared"] is not None and broadcast:
-            return table[bucket["shared"]].unsqueeze(0)
+            return table if table.shape[0] == 1 else table[bucket["shared"]].unsqueeze(0)
         return table.index_select(0, getattr(self, f"bank_{i}"))
 
     def log_forward(self, tables: dict, x: torch.Tensor, missing: torch.Tensor | None, evidence,
@@ -284,7 +295,7 @@ class InputLayer(nn.Module):
                 table = tables[bucket["key"]]  # (banks, n, K)
                 idx = xg.long().clamp(0, k - 1)
                 if bucket["shared"] is not None:
-                    value = table[bucket["shared"]].t()[idx]  # (B, G, n)
+                    value = _bank(table, bucket["shared"]).t()[idx]  # (B, G, n)
                 else:
                     value = _categorical_rows(table, getattr(self, f"bank_{i}"), idx)
                 if isinstance(evidence, TopKEvidence):
@@ -332,9 +343,16 @@ class InputLayer(nn.Module):
         some entry would fall below the floor. Tabular inputs under dense (or no) evidence are
         computed in linear space: rows of the evidence are shifted by their maximum ``m_b``,
         observed entries are ``theta[x] exp(w[x] - m_b)`` and summed-out ones one matrix
-        product ``exp(w - m_b) @ theta^T`` with the linear tables."""
-        if self.all_tabular and not isinstance(evidence, TopKEvidence):
-            if evidence is None and missing is None and self._tables_are_small(tables, x.shape[0]):
+        product ``exp(w - m_b) @ theta^T`` with the linear tables. Under top-k evidence with
+        cached tables that calls reuse, every entry reads rows of the transposed linear
+        tables: one per observed value, and the ``k`` candidates' rows weighted by
+        ``exp(w - m_b)`` per summed-out one (otherwise the log path reads only the
+        candidates' entries of the log-tables)."""
+        if self.all_tabular:
+            value = None
+            if isinstance(evidence, TopKEvidence):
+                value = self._linear_topk_values(tables, x, missing, evidence)
+            elif evidence is None and missing is None and self._tables_are_small(tables, x.shape[0]):
                 value = self._observed_probabilities(tables, x, workspace)
             else:
                 value = self._linear_values(tables, x, missing, evidence)
@@ -343,6 +361,61 @@ class InputLayer(nn.Module):
         log_values = self.log_forward(tables.log, x, missing, evidence, LOG_SUM, runtime)
         value = rescaled(log_values)
         return log_values if value is None else value
+
+    def _linear_topk_values(self, tables: Tables, x: torch.Tensor, missing: torch.Tensor | None,
+                            evidence: TopKEvidence) -> ScaledValue | None:
+        """Tabular inputs under top-k evidence in linear space (see :meth:`scaled_forward`);
+        ``m_b`` is the largest weight of row ``b`` (0 for variables without evidence). None
+        when a transposed table is not worth building (see :meth:`Tables.linear_if_reused`)."""
+        transposed = [tables.linear_if_reused(bucket["key"], transposed=True) for bucket in self.buckets]
+        if any(table is None for table in transposed):
+            return None
+        free = evidence.free
+        weights = evidence.values if free is None else evidence.values.masked_fill(free.unsqueeze(-1), 0.0)
+        top = weights.detach().amax(dim=(1, 2)).unsqueeze(1)  # (B, 1)
+        scale = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        weights = torch.exp(weights - scale.unsqueeze(2))  # (B, V, k), at most 1
+        outs = []
+        for i, bucket in enumerate(self.buckets):
+            k, n = bucket["num_cats"], bucket["num_nodes"]
+            linear = transposed[i][0].view(-1, n)  # row bank * K + category
+            first = (getattr(self, f"bank_{i}") * k)[None, :]  # (1, G)
+            idx = self._columns(i, x).long().clamp(0, k - 1)
+            candidates = self._columns(i, evidence.indices)  # (B, G, k)
+            w = self._columns(i, weights)  # where free: exp(0 - m_b), the weight of every category
+            picked = torch.where(candidates == idx.unsqueeze(-1), w, torch.zeros_like(w)).sum(-1)
+            if free is not None:
+                picked = torch.where(self._columns(i, free), w[:, :, 0], picked)
+            value = linear.index_select(0, (first + idx).reshape(-1)).view(*idx.shape, n) * picked.unsqueeze(-1)
+            if missing is not None:
+                value = self._with_topk_marginals(linear, first, candidates, w, self._columns(i, missing),
+                                                  None if free is None else self._columns(i, free), value)
+            outs.append(value.flatten(1))
+        return checked(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1), scale, 0.0)
+
+    @staticmethod
+    def _with_topk_marginals(linear: torch.Tensor, first: torch.Tensor, candidates: torch.Tensor, w: torch.Tensor,
+                             gone: torch.Tensor, free: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+        """``value`` (B, G, n) with its missing entries ``gone`` (B, G) replaced by
+        ``sum_j w[b, g, j] theta[g, n, candidates[b, g, j]]`` (rows of the transposed linear
+        table ``linear``, bank ``g`` starting at row ``first[0, g]``); free entries (no
+        evidence) sum a normalised row to one: ``w[b, g, 0]``."""
+        batch, groups, n = value.shape
+        k = w.shape[-1]
+        rows = gone.reshape(-1).nonzero().squeeze(1)
+        if not len(rows):
+            return value
+        flat_w = w.reshape(batch * groups, k).index_select(0, rows)  # (R, k)
+        flat_rows = (first.unsqueeze(-1) + candidates).reshape(batch * groups, k).index_select(0, rows)
+        step = max(1, (1 << 22) // max(k * n, 1))  # candidate rows gathered at a time: 16 MB in float32
+        parts = [torch.bmm(flat_w[r:r + step].unsqueeze(1),
+                           linear.index_select(0, flat_rows[r:r + step].reshape(-1)).view(-1, k, n)).squeeze(1)
+                 for r in range(0, len(rows), step)]
+        marginal = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if free is not None:
+            free_rows = free.reshape(-1).index_select(0, rows).unsqueeze(1)
+            marginal = torch.where(free_rows, flat_w[:, :1].expand(-1, n), marginal)
+        return value.reshape(batch * groups, n).index_copy(0, rows, marginal).view(batch, groups, n)
 
     def _linear_values(self, tables: Tables, x: torch.Tensor, missing: torch.Tensor | None,
                        evidence: torch.Tensor | None) -> ScaledValue | None:
@@ -413,32 +486,38 @@ class InputLayer(nn.Module):
         owned = len(self.buckets) == 1 and workspace.enabled
         return checked(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1), None, low, owned=owned)
 
-    def _node_rows(self, i: int, tables: dict, bank: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
-        """(A, K) log-probability rows of input nodes ``node`` (A,) with bank rows ``bank`` (A,)."""
+    def _table_rows(self, i: int, tables: dict, bank: torch.Tensor, node: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (R, K) rows of bucket ``i``'s table in ``tables`` and the row (A,) of each input
+        node ``node`` (A,) with bank rows ``bank`` (A,)."""
         table = tables[self.buckets[i]["key"]]  # (banks, n, K)
         shared = self.buckets[i]["shared"]
         if shared is not None:
-            return table[shared].index_select(0, node)
-        return table.reshape(-1, table.shape[-1]).index_select(0, bank * table.shape[1] + node)
+            return _bank(table, shared), node
+        return table.reshape(-1, table.shape[-1]), bank * table.shape[1] + node
 
-    def emit(self, active: ActiveNodes, batch: int, tables: dict, x: torch.Tensor, missing: torch.Tensor | None,
-             evidence, chooser: Chooser, normals: Callable[[int], torch.Tensor] | None, num_cats: int,
-             node_log_probs: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _node_rows(self, i: int, tables: dict, bank: torch.Tensor, node: torch.Tensor,
+                   scratch: Workspace = DISABLED) -> torch.Tensor:
+        """(A, K) rows of input nodes ``node`` (A,) with bank rows ``bank`` (A,) from the
+        (banks, n, K) table of bucket ``i`` in ``tables`` (into a ``scratch`` buffer when enabled)."""
+        rows, index = self._table_rows(i, tables, bank, node)
+        return torch.index_select(rows, 0, index, out=scratch.scratch("draw-rows", (len(index), rows.shape[1]), rows))
+
+    def emit(self, active: ActiveNodes, batch: int, tables: Tables, x: torch.Tensor, missing: torch.Tensor | None,
+             evidence, chooser: Chooser, normals: Callable[[int], torch.Tensor] | None,
+             linear: bool, scratch: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
         """Values of the active input nodes (one per draw and variable) of ``batch`` draws.
 
-        Returns ``(x_out (B, V), node (B, V) active input node index, node_log_probs (B, V, K)
-        or None unless asked for)``; observed entries of ``x`` are kept, missing ones drawn by
-        ``chooser`` (tabular inputs) or by the distribution (continuous inputs: draws from
-        ``normals``, modes without). ``x``, ``missing`` and ``evidence`` have one row per draw
-        or one row shared by all.
+        Returns ``(x_out (B, V), node (B, V) active input node index)``; observed entries of ``x`` are kept, missing ones drawn by
+        ``chooser`` (tabular inputs; see :meth:`_choose_values` for ``linear``) or by the
+        distribution (continuous inputs: draws from ``normals``, modes without). ``x``,
+        ``missing`` and ``evidence`` have one row per draw or one row shared by all;
+        ``scratch`` holds the (draws, K) temporaries.
         """
         num_vars = x.shape[1]
         rows = x.shape[0]
         x_out = x.expand(batch, -1).clone()
         node = torch.full((batch, num_vars), -1, dtype=torch.long, device=x.device)
-        dtype = next(t for t in tables.values() if t.is_floating_point()).dtype
-        node_logp = torch.full((batch, num_vars, max(num_cats, 1)), -torch.inf, dtype=dtype,
-                               device=x.device) if node_log_probs else None
+        log = tables.log
         start = 0
         for i, bucket in enumerate(self.buckets):
             var_of_group = getattr(self, f"var_{i}")
@@ -450,35 +529,78 @@ class InputLayer(nn.Module):
             bank = getattr(self, f"bank_{i}")[g]
             node[b, var] = start + flat
             distribution = bucket["distribution"]
-            if node_logp is not None and distribution.tabular:
-                node_logp[b, var, :bucket["num_cats"]] = self._node_rows(i, tables, bank, j)
             start += size
             if missing is None:  # nothing to draw
                 continue
             draw = missing[_value_rows(b, rows), var]
             b, var, bank, j = b[draw], var[draw], bank[draw], j[draw]
             if not distribution.tabular:
-                value = distribution.draw(tables[bucket["key"]][bank], j, None if normals is None else normals(len(j)))
+                value = distribution.draw(log[bucket["key"]][bank], j, None if normals is None else normals(len(j)))
                 x_out[b, var] = value.to(x_out.dtype)
+            elif isinstance(evidence, TopKEvidence):
+                table, row = self._table_rows(i, log, bank, j)
+                _emit_topk(x_out, b, _value_rows(b, rows), var, table, row, evidence, chooser)
             elif len(b):
-                k = bucket["num_cats"]
-                logp = self._node_rows(i, tables, bank, j)  # (A, K)
-                if isinstance(evidence, TopKEvidence):
-                    _emit_topk(x_out, b, _value_rows(b, rows), var, logp, evidence, chooser)
-                else:
-                    if evidence is not None:
-                        read = _value_rows(b, rows) * num_vars + var
-                        logp = logp + evidence.reshape(rows * num_vars, -1).index_select(0, read)[:, :k]
-                    x_out[b, var] = chooser(logp).to(x_out.dtype)
-        return x_out, node, node_logp
+                weights = None
+                if evidence is not None:
+                    read = _value_rows(b, rows) * num_vars + var
+                    table = evidence.reshape(rows * num_vars, -1)
+                    out = scratch.scratch("draw-evidence", (len(read), table.shape[1]), table)
+                    weights = torch.index_select(table, 0, read, out=out)[:, :bucket["num_cats"]]
+                x_out[b, var] = self._choose_values(i, tables, bank, j, weights, chooser, linear, scratch).to(x_out.dtype)
+        return x_out, node
+
+    def node_log_probs(self, node: torch.Tensor, tables: dict, num_cats: int,
+                       categories: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-probabilities under the input node ``node[b, i]`` (B, V) (an index within this
+        layer) of every category, (B, V, num_cats) (``-inf`` beyond the variable's categories),
+        or of ``categories`` (B, V, k) only; ``-inf`` for continuous variables. ``tables``: the
+        normalised log-tables."""
+        batch, num_vars = node.shape
+        width = max(num_cats, 1) if categories is None else categories.shape[-1]
+        dtype = next(t for t in tables.values() if t.is_floating_point()).dtype
+        out = torch.full((batch, num_vars, width), -torch.inf, dtype=dtype, device=node.device)
+        start = 0
+        for i, bucket in enumerate(self.buckets):
+            n, k = bucket["num_nodes"], bucket["num_cats"]
+            size = getattr(self, f"var_{i}").numel() * n
+            local = node - start
+            start += size
+            if not bucket["distribution"].tabular:
+                continue
+            b, var = ((local >= 0) & (local < size)).nonzero(as_tuple=True)
+            flat = local[b, var]
+            table, row = self._table_rows(i, tables, getattr(self, f"bank_{i}")[flat // n], flat % n)
+            if categories is None:
+                out[b, var, :k] = table.index_select(0, row)
+            else:
+                wanted = categories[b, var]  # (A, k)
+                entries = (row * k).unsqueeze(1) + wanted.clamp(0, k - 1)
+                inside = (wanted >= 0) & (wanted < k)
+                out[b, var] = torch.where(inside, table.reshape(-1)[entries], torch.full_like(entries, -torch.inf, dtype=dtype))
+        return out
+
+    def _choose_values(self, i: int, tables: Tables, bank: torch.Tensor, node: torch.Tensor,
+                       evidence: torch.Tensor | None, chooser: Chooser, linear: bool, scratch: Workspace) -> torch.Tensor:
+        """(A,) values chosen for input nodes ``node`` (A,) of tabular bucket ``i`` (bank rows
+        ``bank``) under ``evidence`` (A, K) log-weights or None. Without evidence and with
+        ``linear``, from the rows of the linear table (a normalised row never vanishes);
+        otherwise from log-values (evidence can put every category far below the floor)."""
+        key = self.buckets[i]["key"]
+        source = tables.linear(key)[0] if linear and evidence is None else tables.log[key]
+        scores = self._node_rows(i, {key: source}, bank, node, scratch)
+        if source is tables.log[key]:
+            return chooser(scores if evidence is None else scores.add_(evidence))
+        return chooser(scores, linear=True)
 
 
-def _emit_topk(x_out: torch.Tensor, b: torch.Tensor, eb: torch.Tensor, var: torch.Tensor, logp: torch.Tensor,
-               evidence: TopKEvidence, chooser: Chooser) -> None:
-    """Draw the values of active tabular inputs ``(b, var)`` (A,) with rows ``logp`` (A, K)
-    under top-k evidence (its rows ``eb`` (A,)) into ``x_out``: among the k candidates (sorted
-    by category, so inverse-CDF draws match the dense evidence's), or among all categories
-    where the variable is ``free``."""
+def _emit_topk(x_out: torch.Tensor, b: torch.Tensor, eb: torch.Tensor, var: torch.Tensor, table: torch.Tensor,
+               row: torch.Tensor, evidence: TopKEvidence, chooser: Chooser) -> None:
+    """Draw the values of active tabular inputs ``(b, var)`` (A,), whose log-probabilities are
+    the rows ``row`` (A,) of ``table`` (R, K), under top-k evidence (its rows ``eb`` (A,)) into
+    ``x_out``: among the k candidates (sorted by category, so inverse-CDF draws match the dense
+    evidence's; only their k entries of the table are read), or among all categories where
+    the variable is ``free``."""
     free = evidence.free[eb, var] if evidence.free is not None else torch.zeros_like(b, dtype=torch.bool)
     uniforms = chooser.uniforms(len(b))  # one per row, in row order, whichever group it falls in
     for rows, sparse in ((~free, True), (free, False)):
@@ -487,10 +609,11 @@ def _emit_topk(x_out: torch.Tensor, b: torch.Tensor, eb: torch.Tensor, var: torc
         u = None if uniforms is None else uniforms[rows]
         if sparse:
             candidates = evidence.indices[eb[rows], var[rows]]  # (R, k)
-            logits = logp[rows].gather(1, candidates) + evidence.values[eb[rows], var[rows]]
+            entries = (row[rows] * table.shape[1]).unsqueeze(1) + candidates
+            logits = table.reshape(-1)[entries] + evidence.values[eb[rows], var[rows]]
             chosen = candidates.gather(1, chooser.pick(logits, u).unsqueeze(1)).squeeze(1)
         else:
-            chosen = chooser.pick(logp[rows], u)
+            chosen = chooser.pick(table.index_select(0, row[rows]), u)
         x_out[b[rows], var[rows]] = chosen.to(x_out.dtype)
 
 
@@ -551,12 +674,18 @@ class ProductLayer(_Reader):
     def fan_in(self) -> int:
         return self.child_index.shape[1]
 
-    def child_column(self, z: torch.Tensor, f: int) -> torch.Tensor:
-        """(B, P) values of every product's ``f``-th child from the gathered ``z`` (B, M)."""
-        start = self.child_starts[f]
-        if start is not None:
-            return z.narrow(1, start, self.num_nodes)
-        return z.index_select(1, self.child_index[:, f])
+    def child_columns(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """(B, P) values of every product's ``f``-th child, for each ``f``, from the gathered
+        ``z`` (B, M). When the children's column runs tile ``z``, ``z`` is split once (under
+        autograd a narrow per child would build a full-size zero gradient each)."""
+        p = self.num_nodes
+        starts = self.child_starts
+        if all(start is not None for start in starts) and z.shape[1] == p * len(starts) and p > 0 \
+                and sorted(starts) == list(range(0, z.shape[1], p)):
+            pieces = z.split(p, dim=1)
+            return [pieces[start // p] for start in starts]
+        return [z.narrow(1, start, p) if start is not None else z.index_select(1, self.child_index[:, f])
+                for f, start in enumerate(starts)]
 
     def _outer_parts(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         groups, left, right = self.outer[0].shape[0], self.outer[0].shape[1], self.outer[1].shape[1]
@@ -582,9 +711,10 @@ class ProductLayer(_Reader):
             return (a + b).reshape(z.shape[0], self.num_nodes)
         if self.padded:
             z = torch.cat([z, z.new_zeros(z.shape[0], 1)], dim=1)
-        out = self.child_column(z, 0)
-        for f in range(1, self.fan_in):
-            out = out + self.child_column(z, f)
+        columns = self.child_columns(z)
+        out = columns[0]
+        for column in columns[1:]:
+            out = out + column
         return out
 
     def scaled_forward(self, outputs: ScaledOutputs, tables: Tables | None, workspace: Workspace,
@@ -618,7 +748,7 @@ class ProductLayer(_Reader):
         if self.outer is not None:
             a, b = self._outer_parts(z)
             return checked((a * b).reshape(z.shape[0], self.num_nodes), scale, low * low)
-        return checked(_multiply([self.child_column(z, f) for f in range(self.fan_in)]), scale, low ** self.fan_in)
+        return checked(_multiply(self.child_columns(z)), scale, low ** self.fan_in)
 
     def select(self, active: ActiveNodes, outputs: list[torch.Tensor], tables: dict,
                chooser: Chooser) -> tuple[torch.Tensor, torch.Tensor]:
@@ -746,36 +876,46 @@ class SumLayer(_Reader):
             result.view(batch, groups, n).copy_(s.transpose(0, 1))
         return checked(result, None if common is None else common * 2, low * low * CONVEX_SLACK, owned=workspace.enabled)
 
-    def select(self, active: ActiveNodes, outputs: list[torch.Tensor], logweights: dict,
+    def select(self, active: ActiveNodes, values, tables: Tables,
                chooser: Chooser) -> tuple[torch.Tensor, torch.Tensor]:
         """Active positions of ``z`` as (draws, positions) pairs: each active sum node picks
         one child with probability proportional to weight times child value (or the best one
-        for MPE); ``outputs`` are log-values, one row per draw or one row shared by all."""
-        z = self.gather(outputs)
+        for MPE). ``values`` (a :class:`pclayer.traversal.LayerValues`) have one row per draw
+        or one row shared by all; the choice is made in linear space (weights times scaled
+        child values) when every source layer is scaled, else from log-values."""
+        linear = values.scaled is not None and not any(layer in values.logged for layer in self.source_layers)
+        if linear:
+            z = self.gather_scaled(values.scaled)[0]
+            weights, pad = {spec["key"]: tables.linear(spec["key"])[0] for spec in self.dense + self.sparse}, 0.0
+        else:
+            z, weights, pad = self.gather(values), tables.log, -torch.inf
+        combine = torch.mul if linear else torch.add
         picked = []
         start = 0
         for i, spec in enumerate(self.dense):
             x = self.dense_inputs(i, z)
-            logw = self.dense_logw(i, logweights, True)
-            n = logw.shape[1]
+            w = self.dense_logw(i, weights, True)
+            n = w.shape[1]
             size = spec["groups"] * n
             b, flat = active.within(start, size)
             g, j = (torch.zeros_like(flat), flat) if spec["groups"] == 1 else (flat // n, flat % n)
             if z.shape[0] == 1 and spec["groups"] * n <= len(b):  # shared values, more draws than nodes:
-                table = (logw + x[0].unsqueeze(1)).reshape(-1, logw.shape[-1])  # one distribution per node
-                chosen = chooser(table, flat)
+                table = combine(w, x[0].unsqueeze(1)).reshape(-1, w.shape[-1])  # one distribution per node
+                chosen = chooser(table, flat, linear=linear)
             else:
-                rows = logw[0].index_select(0, j) if logw.shape[0] == 1 else logw.reshape(-1, logw.shape[-1]).index_select(0, flat)
-                chosen = chooser(rows + x.reshape(-1, x.shape[-1]).index_select(0, _value_rows(b, z.shape[0]) * x.shape[1] + g))
+                rows = w[0].index_select(0, j) if w.shape[0] == 1 else w.reshape(-1, w.shape[-1]).index_select(0, flat)
+                children = x.reshape(-1, x.shape[-1]).index_select(0, _value_rows(b, z.shape[0]) * x.shape[1] + g)
+                chosen = chooser(rows.mul_(children) if linear else rows.add_(children), linear=linear)
             picked.append((b, getattr(self, f"dense_children_{i}")[g, chosen]))
             start += size
         if self.sparse:
-            zp = torch.cat([z, z.new_full((z.shape[0], 1), -torch.inf)], dim=1)
+            zp = torch.cat([z, z.new_full((z.shape[0], 1), pad)], dim=1)
             for i, spec in enumerate(self.sparse):
                 children = getattr(self, f"sparse_children_{i}")
                 size = children.shape[0]
                 b, j = active.within(start, size)
-                chosen = chooser(logweights[spec["key"]][j] + zp[_value_rows(b, z.shape[0])[:, None], children[j]])
+                scores = combine(weights[spec["key"]][j], zp[_value_rows(b, z.shape[0])[:, None], children[j]])
+                chosen = chooser(scores, linear=linear)
                 picked.append((b, children[j, chosen]))
                 start += size
         if len(picked) == 1:

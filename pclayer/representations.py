@@ -13,8 +13,9 @@ summed out. Products are additions in log space and multiplications in linear sp
   :data:`pclayer.numerics.SAFE_FLOOR` could have underflowed, so the traversal computes that layer in
   :data:`LOG_SUM` instead (see :mod:`pclayer.traversal`).
 
-Each formula exists once per representation here (the log-sum dense sum also has its CUDA
-twin behind :mod:`pclayer.ops.dispatch`).
+Each formula exists once per representation: here, in :mod:`pclayer.ops.linear_sums` (the
+scaled dense sum, which the fused cross-product sums also use) and behind
+:mod:`pclayer.ops.dispatch` (the log-sum and max-product dense sums, with their CUDA twins).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from pclayer.numerics import RENORMALISE_BELOW, SAFE_FLOOR
 from pclayer.ops import dispatch
+from pclayer.ops.linear_sums import linear_sums
 from pclayer.ops.normalised_mass import normalised_log_mass
 from pclayer.ops.sparse_evidence import candidate_log_weights
 
@@ -91,18 +93,9 @@ class Scaled:
 
     def sum_dense(self, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """(B, G*N) sums of one dense bucket: ``x`` (B, G, C) probabilities, ``w`` (C, N)
-        weights shared by every group or (G, C, N); ``out`` an optional (B, G*N) buffer."""
-        b, g, c = x.shape
-        if w.dim() == 2:
-            return torch.mm(x.reshape(b * g, c) if g > 1 else x.view(b, c), w,
-                            out=None if out is None else out.view(b * g, w.shape[1])).view(b, g * w.shape[1])
-        n = w.shape[2]
-        if out is None:  # one product per group (no transposed copies of x), joined once; unbind
-            # keeps autograd from building a full-size zero gradient per group
-            return torch.cat([torch.mm(xg, wg) for xg, wg in zip(x.unbind(1), w.unbind(0))], dim=1)
-        for group in range(g):
-            torch.mm(x[:, group], w[group], out=out[:, group * n:(group + 1) * n])
-        return out
+        weights shared by every group or (G, C, N); ``out`` an optional (B, G*N) buffer
+        (:func:`pclayer.ops.linear_sums.linear_sums`)."""
+        return linear_sums(x, w, out)
 
     def sum_padded(self, a: torch.Tensor) -> torch.Tensor:
         """a (B, N, F) = child probability times weight (0 pads) -> (B, N)."""

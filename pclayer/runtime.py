@@ -94,6 +94,7 @@ class Runtime:
         self.lock = threading.Lock()
         self.log_entry: tuple[tuple, dict[str, torch.Tensor]] | None = None
         self.linear_entries: dict[tuple[str, bool], tuple[tuple, torch.Tensor, float]] = {}
+        self.linear_requests: dict[tuple[str, bool], tuple] = {}
         self.scratch: torch.Tensor | None = None
         self.bank_views: dict[str, tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = {}
         self.local = threading.local()
@@ -110,6 +111,7 @@ class Runtime:
         with self.lock:
             self.log_entry = None
             self.linear_entries.clear()
+            self.linear_requests.clear()
             self.bank_views.clear()
             self.scratch = None
         self.local = threading.local()
@@ -145,6 +147,18 @@ class Runtime:
                 entry = (version, table, float(table.amin()) if table.numel() else 1.0)
                 self.linear_entries[(key, transposed)] = entry
         return entry[1], entry[2]
+
+    def linear_reused(self, key: str, transposed: bool, version: tuple) -> bool:
+        """Whether the linear table ``key`` of raw-tensor stamp ``version`` is cached, or was
+        asked for before at this version (so it is worth building: a table much bigger than
+        what one call reads pays off only when calls reuse it). Records this request."""
+        entry = self.linear_entries.get((key, transposed))
+        if entry is not None and entry[0] == version:
+            return True
+        with self.lock:
+            asked = self.linear_requests.get((key, transposed)) == version
+            self.linear_requests[(key, transposed)] = version
+        return asked
 
     def parameters_updated(self, key: str, version: tuple, probabilities: torch.Tensor) -> None:
         """Parameter ``key`` was just written in place and ``probabilities`` (natural layout)

@@ -83,6 +83,20 @@ class Tables:
         self._memo[(key, transposed)] = found
         return found
 
+    def linear_if_reused(self, key: str, transposed: bool = False) -> tuple[torch.Tensor, float] | None:
+        """:meth:`linear` when the table is cached, or was asked for at the same parameter
+        version by an earlier evaluation (see :meth:`pclayer.runtime.Runtime.linear_reused`);
+        None otherwise (and for explicit tables): the caller then reads only the entries it
+        needs from the log-tables."""
+        if not self.cached:
+            return None
+        raw = self.circuit.bank_tensor(key).detach()
+        bank = self.circuit.plan.banks[key]
+        mask = self.circuit.fixed_tensor(bank.mask) if bank.mask else None
+        if (key, transposed) not in self._memo and not self.circuit.runtime.linear_reused(key, transposed, stamp(raw, mask)):
+            return None
+        return self.linear(key, transposed)
+
     def _cached_linear(self, key: str, transposed: bool) -> tuple[torch.Tensor, float]:
         circuit = self.circuit
         raw = circuit.bank_tensor(key).detach()

@@ -15,15 +15,16 @@ from collections.abc import Callable
 import torch
 
 from pclayer.layers import ActiveNodes, Chooser
-from pclayer.traversal import LayerValues
+from pclayer.tables import Tables
+from pclayer.traversal import LayerValues, workspace
 
 
-def top_down(circuit, values: LayerValues, tables: dict[str, torch.Tensor], x: torch.Tensor,
+def top_down(circuit, values: LayerValues, tables: Tables, x: torch.Tensor,
              missing: torch.Tensor | None, evidence: torch.Tensor | None, chooser: Chooser,
              normals: Callable[[int], torch.Tensor] | None,
-             node_log_probs: bool = False, draws: int | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Run the top-down pass over bottom-up ``values`` (log-values read per layer).
+             draws: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the top-down pass over bottom-up ``values`` with the evaluation's ``tables``:
+    choices from linear weights where ``values`` are scaled, else from log-values.
 
     ``values``, ``x``, ``missing`` and ``evidence`` have one row per draw, or one row shared
     by all ``draws`` (default: one draw per row of ``x``).
@@ -32,10 +33,9 @@ def top_down(circuit, values: LayerValues, tables: dict[str, torch.Tensor], x: t
         chooser: picks one child per active sum node and one value per missing tabular
             input from their log-weights: a draw for sampling, the best for MPE.
         normals: ``count -> standard normals`` for continuous inputs; None for MPE (modes).
-        node_log_probs: also return the active input node's log-probability row per variable.
 
     Returns:
-        ``(x_out (B, V), node (B, V), node_log_probs (B, V, K))`` as in
+        ``(x_out (B, V), node (B, V))`` as in
         :meth:`pclayer.layers.InputLayer.emit`.
     """
     batch = x.shape[0] if draws is None else draws
@@ -50,4 +50,5 @@ def top_down(circuit, values: LayerValues, tables: dict[str, torch.Tensor], x: t
         b, position = layers[index].select(active, values, tables, chooser)
         layers[index].scatter_active(b, position, pending)
     active = ActiveNodes(pending[0], circuit.layer_widths[0], device)
-    return layers[0].emit(active, batch, tables, x, missing, evidence, chooser, normals, circuit.num_cats, node_log_probs)
+    return layers[0].emit(active, batch, tables, x, missing, evidence, chooser, normals,
+                          linear=values.scaled is not None and 0 not in values.logged, scratch=workspace(circuit, x))

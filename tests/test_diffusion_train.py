@@ -64,6 +64,18 @@ def test_windowed_loss_sums_windows_over_positions():
     assert windowed_loss(layer, x_0, logits, x_t, w).item() == pytest.approx(expected.item(), rel=1e-12)
 
 
+def test_windowed_loss_stacks_the_full_windows_of_every_row_with_their_row_weights():
+    """Two rows with different weights: the full windows of both rows go through one batch and
+    each keeps its row's weight."""
+    layer = CoDDLayer(pc.compile(pc.structures.hmm(2, 2, VOCAB, seed=1), dtype=torch.float64), mask_id=MASK)
+    x_0 = torch.tensor([[0, 1, 2, 3, 0], [3, 2, 1, 0, 1]])
+    x_t = torch.tensor([[MASK, 1, MASK, MASK, MASK], [3, MASK, MASK, 0, MASK]])
+    logits = torch.randn(2, 5, VOCAB, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    w = torch.tensor([2.0, 0.5], dtype=torch.float64)
+    expected = sum(-layer.log_prob(x_0[:, a:b], logits[:, a:b], x_t[:, a:b]) for a, b in ((0, 2), (2, 4), (4, 5)))
+    assert windowed_loss(layer, x_0, logits, x_t, w).item() == pytest.approx(float((expected * w).sum() / 10), rel=1e-12)
+
+
 def test_train_rejects_bad_data():
     layer = CoDDLayer(pc.compile(pc.structures.hmm(2, 2, VOCAB, seed=1)), mask_id=MASK)
     with pytest.raises(ValueError, match="data"):

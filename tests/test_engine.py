@@ -519,3 +519,16 @@ def test_workspaces_are_per_thread():
     for t in threads:
         t.join()
     assert not errors and all(results) and len(results) == 60
+
+
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 5), st.integers(1, 5), st.booleans(), st.booleans())
+@settings(max_examples=30, deadline=None)
+def test_scaled_dense_sum_with_a_bank_per_group_has_exact_gradients(batch, groups, children, nodes, grad_x, grad_w):
+    """The per-group products of the scaled dense sum (one weight bank per group) write into
+    one output and have their own backward: both gradients equal finite differences."""
+    g = torch.Generator().manual_seed(batch * 100 + groups * 10 + children)
+    x = torch.rand(batch, groups, children, generator=g, dtype=F64).requires_grad_(grad_x)
+    w = torch.rand(groups, children, nodes, generator=g, dtype=F64).requires_grad_(grad_w or not grad_x)
+    assert torch.autograd.gradcheck(lambda a, b: SCALED.sum_dense(a, b), (x, w))
+    expected = torch.einsum("bgc,gcn->bgn", x.detach(), w.detach()).reshape(batch, groups * nodes)
+    torch.testing.assert_close(SCALED.sum_dense(x, w), expected)

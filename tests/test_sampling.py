@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from pclayer.inspection import describe
+from pclayer.queries.evidence import prepare
+from pclayer.representations import SCALED
 from pclayer.testing import reference
 from pclayer.testing.strategies import circuits, evidence
 
@@ -121,6 +123,44 @@ def test_conditional_soft_evidence_samples(root):
     _assert_fits(samples, _conditional(assignments, probs, x, missing, weights), var_cats)
 
 
+def _mixed_circuit() -> pc.NodeGroup:
+    """A sum over two very different input nodes of variable 1, times variable 0 and a
+    two-variable HMM over variables 2 and 3: evidence far below the float32 range on
+    variable 1 sends the input layer (which the sum reads) to log space."""
+    probs = torch.tensor([[0.8, 0.15, 0.05], [0.05, 0.15, 0.8]], dtype=torch.float64)
+    a = pc.inputs(0, 1, pc.Categorical(3), generator=torch.Generator().manual_seed(1))
+    b = pc.inputs(1, 2, pc.Categorical(3), params={"probs": probs})
+    mixture = pc.summate(b, num_nodes=1, generator=torch.Generator().manual_seed(2))
+    c = pc.inputs(2, 2, pc.Categorical(3), generator=torch.Generator().manual_seed(3))
+    d = pc.inputs(3, 2, pc.Categorical(3), generator=torch.Generator().manual_seed(4))
+    chain = pc.summate(pc.multiply(c, d), num_nodes=1, generator=torch.Generator().manual_seed(5))
+    return pc.multiply(a, mixture, chain)
+
+
+@pytest.mark.parametrize("shared_row", [True, False])
+def test_samples_are_exact_where_some_layers_fell_back_to_log_space(shared_row):
+    """The top-down pass chooses from log-values in the layers that fell back to log space and
+    from linear weights in the others (draws sharing one row of evidence, or one row per draw)."""
+    root = _mixed_circuit()
+    assignments, probs = reference.distribution(root)
+    var_cats = list(describe(root).var_cats)
+    circuit = pc.compile(root, dtype=torch.float32)
+    weights = np.random.default_rng(6).normal(size=(len(var_cats), circuit.num_cats))
+    weights[1] -= 95.0  # exp(-95) ~ 5e-42: below the float32 floor, relative differences intact
+    soft = torch.as_tensor(weights, dtype=torch.float32)[None]
+    x = torch.zeros(1, len(var_cats), dtype=torch.long)
+    missing = torch.ones_like(x, dtype=torch.bool)
+    ev = prepare(circuit, x, missing, soft)
+    with torch.no_grad():
+        values = circuit.evaluate(SCALED, ev.x, ev.missing, ev.soft_evidence, keep=True)
+    assert 0 in values.logged and len(values.logged) < len(circuit.layers), "expected a mix of log and linear layers"
+    if not shared_row:
+        x, missing, soft = x.expand(NUM_SAMPLES, -1), missing.expand(NUM_SAMPLES, -1), soft.expand(NUM_SAMPLES, -1, -1)
+    samples = circuit.sample(NUM_SAMPLES, x=x, missing=missing, soft_evidence=soft,
+                             generator=torch.Generator().manual_seed(6)).numpy()
+    _assert_fits(samples, _conditional(assignments, probs, x[0].numpy(), missing[0].numpy(), weights), var_cats)
+
+
 def _input_node_map(circuit: pc.TensorCircuit) -> tuple[np.ndarray, list[np.ndarray]]:
     """Variable of every input-layer node and its normalised log-probability row."""
     tables = circuit.log_tables()
@@ -160,6 +200,19 @@ def test_return_nodes_gives_a_consistent_input_node_per_variable(root):
                 continue
             expected = probs[probs > 0] * chosen.sum()
             assert stats.chisquare(counts[probs > 0], expected).pvalue > P_MIN
+
+
+def test_node_log_probs_at_categories_gather_the_full_rows(root):
+    """``node_log_probs_at`` reads only the asked categories of each chosen node: equal to the
+    full rows gathered, ``-inf`` for categories beyond a variable's own."""
+    circuit = pc.compile(root, dtype=torch.float64)
+    result = circuit.sample(50, generator=torch.Generator().manual_seed(7), return_nodes=True)
+    categories = torch.randint(0, circuit.num_cats, (50, circuit.num_vars, 4), generator=torch.Generator().manual_seed(8))
+    full = result.node_log_probs
+    torch.testing.assert_close(result.node_log_probs_at(categories), full.gather(-1, categories))
+    assert torch.equal(result.node_log_probs_at(None), full)
+    with pytest.raises(ValueError, match="categories: expected an int64 tensor of shape"):
+        result.node_log_probs_at(categories[:, :1])
 
 
 def test_sampling_is_reproducible_with_a_generator():

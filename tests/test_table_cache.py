@@ -52,6 +52,30 @@ def test_tables_are_reused_without_gradients_and_recomputed_with_them():
     assert inference["sum_2x2"] is not first["sum_2x2"]
 
 
+def test_a_big_transposed_table_is_built_only_when_calls_reuse_it():
+    """Top-k evidence reads the transposed linear table only from the second call at one
+    parameter version on (one call alone reads the candidates from the log-tables), and
+    a parameter change starts over; every call gives the same likelihood."""
+    circuit = _circuit()
+    evidence = pc.TopKEvidence(torch.log_softmax(torch.randn(2, 3, 2), -1), torch.tensor([[[0, 1], [2, 3], [1, 0]]] * 2))
+    missing = torch.tensor([[True, False, True], [False, True, False]])
+    x = torch.tensor([[0, 2, 0], [1, 0, 1]])
+    key = next(k for k in circuit.plan.banks if circuit.plan.banks[k].role == "input")
+    built = lambda: (key, True) in circuit.runtime.linear_entries  # noqa: E731
+    with torch.no_grad():
+        first = circuit.log_prob(x, missing, evidence)
+        assert not built()
+        torch.testing.assert_close(circuit.log_prob(x, missing, evidence), first)
+        assert built()
+        circuit.params[key].add_(torch.randn_like(circuit.params[key]))
+        changed = circuit.log_prob(x, missing, evidence)
+        assert not bool(torch.isclose(changed, first).all())
+        torch.testing.assert_close(circuit.log_prob(x, missing, evidence), changed)  # the entry rebuilt, not stale
+    with torch.no_grad():
+        fresh = circuit.evaluate(LOG_SUM, x, missing, evidence, circuit.tables(circuit._compute_log_tables())).root(circuit)
+    torch.testing.assert_close(changed, fresh)
+
+
 def test_optimizer_step_invalidates_the_cache():
     circuit = _circuit()
     before = _cached(circuit)

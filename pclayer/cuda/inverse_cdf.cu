@@ -2,12 +2,13 @@
 //   logits[a, c] = table[table_rows[a], c] (+ addend[addend_rows[a], c] when has_addend)
 // by inverse CDF with a caller-given uniform u[a], as the torch path pclayer.ops.inverse_cdf:
 //   probs = exp(logits - max) (max replaced by 0 when not finite), cdf = prefix sums of probs
-//   accumulated in double and rounded to T, index = first c with cdf[c] > u * cdf[C-1],
-//   clamped to the last c with probs[c] > 0 (0 if none).
+//   (here accumulated in double and rounded to T), total = cdf[C-1],
+//   index = the first c with cdf[c] > min(u * total, the T below total): where u * total
+//   rounds up to the total, the first c at which the CDF reaches it; 0 for a row of zeros.
 // The gather and the addition (a sum node's log-weights + its children's values) are fused.
 // The prefix sums are summed in a parallel order, so they can differ from torch's sequential
-// ones in the last bits: a draw whose target u * cdf[C-1] lies within a few ulps of a CDF
-// boundary may pick the neighbouring index (see pclayer/cuda/README.md).
+// ones in the last bits: a draw whose target lies within a few ulps of a CDF boundary may pick
+// the neighbouring index (see pclayer/cuda/README.md).
 //
 // A group of threads handles one row: a warp (pc_inverse_cdf_warp_*, 4 rows per 128-thread
 // block, rows of up to PC_CDF_WARP_MAX_C) or a block (pc_inverse_cdf_block_*, 1024 threads,
@@ -142,21 +143,19 @@ __device__ long long inverse_cdf_row(const Group& group, const DrawRow<T>& row, 
   for (int c = group.rank; c < C; c += group.size()) m = pc_max(m, row(c));
   m = group.reduce(m, MaxOp());
   if (!pc_isfinite(m)) m = (T)0;
-  // pass 2: the running prefix at each tile's end, and the last positive index
+  // pass 2: the running prefix at each tile's end
   T p[PC_CDF_ITEMS];
   double base = 0.0;
-  int last_positive = -1;
   for (int j = 0; j < tiles; ++j) {
-    const int first = j * span + group.rank * PC_CDF_ITEMS;
-    const Scan scan = group.scan(tile_items(row, m, first, C, p));
-    for (int e = 0; e < PC_CDF_ITEMS; ++e)
-      if (p[e] > (T)0) last_positive = first + e;
+    const Scan scan = group.scan(tile_items(row, m, j * span + group.rank * PC_CDF_ITEMS, C, p));
     base += scan.total;
     if (group.rank == 0) group.ends[j] = base;
   }
-  last_positive = group.reduce(last_positive, MaxOp());
   group.sync();  // ends[] written by rank 0 is read by every rank below
-  const T target = u * (T)base;
+  const T total = (T)base;
+  const T below_total = pc_below(total);
+  const T scaled = u * total;
+  const T target = scaled < below_total ? scaled : below_total;
   int tile = PC_NO_INDEX;
   for (int j = group.rank; j < tiles; j += group.size()) {
     if ((T)group.ends[j] > target) {
@@ -165,27 +164,24 @@ __device__ long long inverse_cdf_row(const Group& group, const DrawRow<T>& row, 
     }
   }
   tile = group.reduce(tile, MinOp());
-  long long index = C;
-  if (tile != PC_NO_INDEX) {  // rescan the crossing tile
-    const int first = tile * span + group.rank * PC_CDF_ITEMS;
-    const Scan scan = group.scan(tile_items(row, m, first, C, p));
-    double prefix = (tile > 0 ? group.ends[tile - 1] : 0.0) + scan.exclusive;
-    int crossing = PC_NO_INDEX, positive = -1;
-    for (int e = 0; e < PC_CDF_ITEMS; ++e) {
-      prefix += (double)p[e];
-      if (p[e] > (T)0) {
-        positive = first + e;
-        if (crossing == PC_NO_INDEX && (T)prefix > target) crossing = first + e;
-      }
+  if (tile == PC_NO_INDEX) return 0;  // a row of zeros (else the last tile's end, the total, exceeds the target)
+  // rescan the crossing tile
+  const int first = tile * span + group.rank * PC_CDF_ITEMS;
+  const Scan scan = group.scan(tile_items(row, m, first, C, p));
+  double prefix = (tile > 0 ? group.ends[tile - 1] : 0.0) + scan.exclusive;
+  int crossing = PC_NO_INDEX, positive = -1;
+  for (int e = 0; e < PC_CDF_ITEMS; ++e) {
+    prefix += (double)p[e];
+    if (p[e] > (T)0) {
+      positive = first + e;
+      if (crossing == PC_NO_INDEX && (T)prefix > target) crossing = first + e;
     }
-    index = group.reduce(crossing, MinOp());
-    // The parallel prefixes need not reach the tile's end exactly: if no positive entry's
-    // prefix exceeds the target, take the tile's last positive entry (the tile has some,
-    // since its end exceeds the previous tile's).
-    if (index == PC_NO_INDEX) index = group.reduce(positive, MaxOp());
   }
-  const long long clamp = last_positive < 0 ? 0 : last_positive;
-  return index < clamp ? index : clamp;
+  const int index = group.reduce(crossing, MinOp());
+  // The parallel prefixes need not reach the tile's end exactly: if no positive entry's prefix
+  // exceeds the target, take the tile's last positive entry (the tile has some, since its end
+  // exceeds the previous tile's). A draw never lands on an entry of probability zero.
+  return index != PC_NO_INDEX ? index : group.reduce(positive, MaxOp());
 }
 
 template <typename T>

@@ -10,6 +10,9 @@ __device__ inline float pc_exp(float v) { return expf(v); }
 __device__ inline double pc_exp(double v) { return exp(v); }
 __device__ inline float pc_log(float v) { return logf(v); }
 __device__ inline double pc_log(double v) { return log(v); }
+// The representable value next to v towards zero (v itself when v is 0).
+__device__ inline float pc_below(float v) { return nextafterf(v, 0.0f); }
+__device__ inline double pc_below(double v) { return nextafter(v, 0.0); }
 
 template <typename T>
 __device__ inline bool pc_isfinite(T v) {

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from pclayer.ops.linear_sums import linear_sums
+
 CHUNK_ELEMENTS = 1 << 20
 """Cross products formed at a time (a few MB: stays in cache and below the allocator's
 mmap threshold, so no page faults per chunk)."""
@@ -35,11 +37,8 @@ def _forward(a: torch.Tensor, c: torch.Tensor, w: torch.Tensor, crosses: torch.T
         g1 = min(groups, g0 + step)
         x = torch.mul(a[g0:g1].unsqueeze(-1), c[g0:g1].unsqueeze(-2),
                       out=None if crosses is None else crosses[:g1 - g0])
-        x = x.view(g1 - g0, batch, left * right)
-        if w.dim() == 2:
-            torch.mm(x.view(-1, left * right), w, out=out[g0:g1].view(-1, n))
-        else:
-            torch.bmm(x, w[g0:g1], out=out[g0:g1])
+        linear_sums(x.view(g1 - g0, batch, left * right), w if w.dim() == 2 else w[g0:g1], out=out[g0:g1],
+                    groups_first=True)
     return out
 
 

@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 
 from pclayer.ops.inverse_cdf import inverse_cdf as _torch_inverse_cdf
+from pclayer.ops.inverse_cdf import inverse_cdf_weights as _torch_inverse_cdf_weights
 from pclayer.ops.log_matmul_exp import log_matmul_exp
 from pclayer.ops.masked_logsumexp import masked_logsumexp
 from pclayer.ops.max_plus import max_plus as _torch_max_plus
@@ -200,39 +201,44 @@ def categorical_topk_evidence(values: torch.Tensor, indices: torch.Tensor, log_t
     return _torch_topk(values, indices, log_table)
 
 
-def inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor, backend: Backend = "auto", record: object | None = None,
-                rows: torch.Tensor | None = None, addend: torch.Tensor | None = None,
-                addend_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Top-down sampling choice: index per row of logits (A, C) by inverse CDF with uniforms (A,)
-    in [0, 1]. With ``rows`` (A,) int64, ``logits`` (R, C) is a table and draw ``a`` uses its row
-    ``rows[a]`` (the choice of ``inverse_cdf(logits[rows], uniforms)``). With ``addend`` (S, C)
-    and ``addend_rows`` (A,) int64, draw ``a`` uses ``logits[rows[a]] + addend[addend_rows[a]]``
+def inverse_cdf(scores: torch.Tensor, uniforms: torch.Tensor, backend: Backend = "auto", record: object | None = None,
+                rows: torch.Tensor | None = None, linear: bool = False, overwrite: bool = False,
+                addend: torch.Tensor | None = None, addend_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-down sampling choice: index per row of scores (A, C) by inverse CDF with uniforms
+    (A,) in [0, 1]. ``scores`` are logits (log-sum representation) or, with ``linear``,
+    non-negative weights (scaled representation; the kernel reads their logarithms). With
+    ``rows`` (A,) int64, ``scores`` (R, C) is a table and draw ``a`` uses its row ``rows[a]``
+    (the choice of ``inverse_cdf(scores[rows], uniforms)``). With logits, ``addend`` (S, C) and
+    ``addend_rows`` (A,) int64, draw ``a`` uses ``scores[rows[a]] + addend[addend_rows[a]]``
     (a sum node's log-weights plus its children's values; the kernel gathers and adds in one
-    pass). Kernel and torch path choose identically except where ``u * total`` lies within a
-    few ulps of a CDF boundary (the kernel sums the CDF in a parallel order). Returns (A,) int64."""
-    _check_float("logits", logits, 2)
-    draws = logits.shape[0] if rows is None else rows.shape[0]
+    pass). ``overwrite``: ``scores`` may be overwritten (the torch path then works in place).
+    Kernel and torch path choose identically except where ``u * total`` lies within a few ulps
+    of a CDF boundary (the kernel sums the CDF in a parallel order). Returns (A,) int64."""
+    _check_float("scores", scores, 2)
+    draws = scores.shape[0] if rows is None else rows.shape[0]
     _check_rows("rows", rows, None)
     if (addend is None) != (addend_rows is None):
         raise ValueError("addend, addend_rows: expected both or neither")
     if addend is not None:
+        if linear:
+            raise ValueError("addend: only for logits (linear=False)")
         _check_float("addend", addend, 2)
-        if addend.shape[1] != logits.shape[1] or addend.dtype != logits.dtype:
-            raise ValueError(f"addend: expected (S, {logits.shape[1]}) of dtype {logits.dtype}, got {tuple(addend.shape)} {addend.dtype}")
+        if addend.shape[1] != scores.shape[1] or addend.dtype != scores.dtype:
+            raise ValueError(f"addend: expected (S, {scores.shape[1]}) of dtype {scores.dtype}, got {tuple(addend.shape)} {addend.dtype}")
         _check_rows("addend_rows", addend_rows, draws)
     if not isinstance(uniforms, torch.Tensor) or uniforms.shape != (draws,):
         raise ValueError(f"uniforms: expected shape ({draws},), got {getattr(uniforms, 'shape', uniforms)}")
     if uniforms.numel():
         _check_async(((uniforms >= 0) & (uniforms <= 1)).all(), "uniforms: expected values in [0, 1] without NaN")
-    if choose_backend(backend, "inverse_cdf", (logits, uniforms), record=record) == "cuda":  # an index has no gradient
+    if choose_backend(backend, "inverse_cdf", (scores, uniforms), record=record) == "cuda":  # an index has no gradient
         from pclayer.cuda import ops
 
-        return ops.inverse_cdf(_runner(), logits.detach(), uniforms, rows,
-                               None if addend is None else addend.detach(), addend_rows)
+        table = scores.detach().log() if linear else scores.detach()
+        return ops.inverse_cdf(_runner(), table, uniforms, rows, None if addend is None else addend.detach(), addend_rows)
     if addend is not None:
-        gathered = logits if rows is None else logits.index_select(0, rows)
-        return _torch_inverse_cdf(gathered + addend.index_select(0, addend_rows), uniforms)
-    return _torch_inverse_cdf(logits, uniforms, rows)
+        gathered = scores if rows is None else scores.index_select(0, rows)
+        return _torch_inverse_cdf(gathered + addend.index_select(0, addend_rows), uniforms, owned=True)
+    return (_torch_inverse_cdf_weights if linear else _torch_inverse_cdf)(scores, uniforms, rows, owned=overwrite)
 
 
 def _check_rows(name: str, rows: torch.Tensor | None, length: int | None) -> None:

@@ -5,32 +5,40 @@ from __future__ import annotations
 import torch
 
 
-def inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Index drawn from softmax(logits) (A, C) by inverse CDF with uniforms (A,) in [0, 1].
+def inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor, rows: torch.Tensor | None = None,
+                owned: bool = False) -> torch.Tensor:
+    """Index drawn from softmax(logits) (A, C) by inverse CDF with uniforms (A,) in [0, 1]:
+    :func:`inverse_cdf_weights` of ``exp(logits - rowmax)``.
 
     With ``rows`` (A,) int64, ``logits`` (R, C) is a table and draw ``a`` uses row
     ``rows[a]``: the same choice as ``inverse_cdf(logits[rows], uniforms)``, with the CDF
-    of each table row computed once (many draws from few distributions).
-
-    Returns (A,) int64: the first index whose cumulative probability exceeds
-    ``u * total``, clamped to the last index of positive probability (0 if there is none).
+    of each table row computed once (many draws from few distributions). ``owned``:
+    ``logits`` may be overwritten (no copies of its size are made).
     """
     m = logits.amax(-1, keepdim=True)
-    probs = torch.exp(logits - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
-    cdf = probs.cumsum(-1)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    weights = logits.sub_(m).exp_() if owned else torch.exp(logits - m)
+    return inverse_cdf_weights(weights, uniforms, rows, owned=True)
+
+
+def inverse_cdf_weights(weights: torch.Tensor, uniforms: torch.Tensor, rows: torch.Tensor | None = None,
+                        owned: bool = False) -> torch.Tensor:
+    """Index drawn in proportion to non-negative ``weights`` (A, C) (or rows ``rows`` (A,) of
+    a table (R, C), as in :func:`inverse_cdf`) by inverse CDF with uniforms (A,) in [0, 1].
+
+    The CDF is the running sum of each row in its own dtype. Returns (A,) int64: the first
+    index whose cumulative weight exceeds ``u * total``; where ``u * total`` rounds up to the
+    total, the first index at which the CDF reaches the total (so never an index of weight
+    zero); 0 for a row of zeros. ``owned``: ``weights`` may be overwritten (the CDF is then
+    built in place).
+    """
+    cats = weights.shape[-1]
+    cdf = weights.cumsum_(-1) if owned else weights.cumsum(-1)
     if rows is not None:
         cdf = cdf.index_select(0, rows)
-    target = (uniforms.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
-    index = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=max(probs.shape[-1] - 1, 0))
-    if not probs.numel():
-        return index
-    # An index of zero probability is chosen only where u * total rounds up to the total (or
-    # every entry is zero): those draws take their row's last index of positive probability.
-    source = rows if rows is not None else torch.arange(index.shape[0], device=index.device)
-    stuck = probs[source, index] == 0
-    if bool(stuck.any()):
-        draws = stuck.nonzero().squeeze(1)
-        positive = probs.index_select(0, source.index_select(0, draws)) > 0
-        last = (positive.cumsum(-1).argmax(-1))
-        index = index.index_put((draws,), last)
-    return index
+    if not cdf.numel():
+        return torch.zeros(cdf.shape[0], dtype=torch.long, device=cdf.device)
+    total = cdf[:, -1]
+    target = torch.minimum(uniforms.to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    index = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1).clamp_(max=cats - 1)
+    return torch.where(total > 0, index, torch.zeros_like(index))

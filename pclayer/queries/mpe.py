@@ -30,5 +30,5 @@ def mpe(circuit, x: torch.Tensor, missing: torch.Tensor | None = None,
     tables = circuit.tables()
     values = circuit.evaluate(MAX_PRODUCT, ev.x, ev.missing, ev.soft_evidence, tables, keep=True)
     require_positive(values.root(circuit), "mpe")
-    x_out, _, _ = top_down(circuit, values, tables.log, ev.x, ev.missing, ev.soft_evidence, ArgmaxChooser(), None)
+    x_out, _ = top_down(circuit, values, tables, ev.x, ev.missing, ev.soft_evidence, ArgmaxChooser(), None)
     return torch.where(missing, x_out.to(x.dtype), x) if missing is not None else x.clone()

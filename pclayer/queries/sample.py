@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
 
 import torch
 
@@ -14,20 +14,45 @@ from pclayer.topdown import top_down
 from pclayer.topk import TopKEvidence
 
 
-class SampleResult(NamedTuple):
+class SampleResult:
     """Samples with the latent choice behind each variable.
 
     Attributes:
         x: (B, num_vars) samples.
         node: (B, num_vars) index (within the input layer) of the input node that produced
             each variable.
-        node_log_probs: (B, num_vars, num_cats) log-probabilities of that input node's
-            distribution (``-inf`` beyond the variable's categories; unused for continuous variables).
     """
 
-    x: torch.Tensor
-    node: torch.Tensor
-    node_log_probs: torch.Tensor
+    def __init__(self, circuit, x: torch.Tensor, node: torch.Tensor, log_tables: Mapping[str, torch.Tensor]):
+        self.x, self.node = x, node
+        self._circuit, self._log_tables = circuit, log_tables
+        self._full: torch.Tensor | None = None
+
+    def __iter__(self):
+        """Unpacks as ``x, node, node_log_probs``."""
+        return iter((self.x, self.node, self.node_log_probs))
+
+    @property
+    def node_log_probs(self) -> torch.Tensor:
+        """(B, num_vars, num_cats) log-probabilities of each variable's input node's
+        distribution (``-inf`` beyond the variable's categories; unused for continuous
+        variables), computed on first access."""
+        if self._full is None:
+            self._full = self.node_log_probs_at(None)
+        return self._full
+
+    def node_log_probs_at(self, categories: torch.Tensor | None) -> torch.Tensor:
+        """(B, num_vars, k) log-probabilities of ``categories`` (B, num_vars, k) int64 under
+        each variable's input node: :attr:`node_log_probs` gathered at ``categories``,
+        without building it (``-inf`` outside the variable's categories). None = every category."""
+        if categories is not None and (not isinstance(categories, torch.Tensor) or categories.dtype != torch.int64
+                                       or categories.dim() != 3 or categories.shape[:2] != self.node.shape):
+            raise ValueError(f"categories: expected an int64 tensor of shape ({self.node.shape[0]}, "
+                             f"{self.node.shape[1]}, k), got {getattr(categories, 'dtype', type(categories).__name__)} "
+                             f"{tuple(getattr(categories, 'shape', ()))}")
+        with torch.no_grad():
+            return self._circuit.layer_sequence[0].node_log_probs(self.node, self._log_tables, self._circuit.num_cats,
+                                                                  categories)
 
 
 class _InverseCDF(Chooser):
@@ -39,9 +64,10 @@ class _InverseCDF(Chooser):
     def uniforms(self, count: int) -> torch.Tensor:
         return torch.rand(count, generator=self.generator, dtype=self.dtype, device=self.device)
 
-    def pick(self, logits: torch.Tensor, uniforms: torch.Tensor | None,
-             rows: torch.Tensor | None = None) -> torch.Tensor:
-        return dispatch.inverse_cdf(logits, uniforms, backend=self.runtime.backend, record=self.runtime, rows=rows)
+    def pick(self, scores: torch.Tensor, uniforms: torch.Tensor | None,
+             rows: torch.Tensor | None = None, linear: bool = False) -> torch.Tensor:
+        return dispatch.inverse_cdf(scores, uniforms, backend=self.runtime.backend, record=self.runtime, rows=rows,
+                                    linear=linear, overwrite=True)
 
 
 def _rows(value: torch.Tensor | TopKEvidence | None) -> int | None:
@@ -100,8 +126,8 @@ def sample(circuit, num_samples: int | None = None, *, x: torch.Tensor | None = 
         soft_evidence: (B, num_vars, num_cats) log-weights multiplied into the distribution,
             or a :class:`~pclayer.TopKEvidence`.
         generator: torch generator for reproducible draws.
-        return_nodes: also return the chosen input node per variable and its
-            log-probability vector (a :class:`SampleResult`).
+        return_nodes: also return the chosen input node per variable, with its
+            log-probabilities on demand (a :class:`SampleResult`).
 
     Returns:
         (B, num_vars) samples, or a :class:`SampleResult` if ``return_nodes``.
@@ -121,9 +147,8 @@ def sample(circuit, num_samples: int | None = None, *, x: torch.Tensor | None = 
     def normals(count: int) -> torch.Tensor:
         return torch.randn(count, generator=generator, dtype=dtype, device=device)
 
-    x_out, node, node_logp = top_down(circuit, values, tables.log, ev.x, ev.missing, ev.soft_evidence,
-                                      chooser, normals, node_log_probs=return_nodes, draws=draws)
+    x_out, node = top_down(circuit, values, tables, ev.x, ev.missing, ev.soft_evidence, chooser, normals, draws=draws)
     x_out = torch.where(missing, x_out.to(x.dtype), x) if missing is not None else x.expand(draws, -1).clone()
     if return_nodes:
-        return SampleResult(x_out, node, node_logp)
+        return SampleResult(circuit, x_out, node, tables.log)
     return x_out
