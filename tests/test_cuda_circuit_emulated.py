@@ -178,3 +178,25 @@ def test_mpe_and_topk_evidence_run_their_kernels():
     for key in reference[2]:
         torch.testing.assert_close(kernel[2][key], reference[2][key], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(kernel[3], reference[3], rtol=1e-10, atol=1e-12)
+
+
+def test_summed_out_inputs_of_normalised_tables_launch_nothing():
+    """Missing categorical variables without evidence contribute log 1 = 0 with no kernel
+    launch (before, one padded-sum launch per input layer), and their flows are unchanged."""
+    circuit = pc.compile(pc.structures.hmm(4, 3, 6, seed=3), dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    x, missing = torch.randint(0, 6, (5, 4), generator=g), torch.rand(5, 4, generator=g) < 0.5
+
+    def flows():
+        circuit.zero_grad()
+        log_p = _log_sum_log_prob(circuit, x, missing)
+        log_p.sum().backward()
+        return log_p.detach(), {k: v.grad.clone() for k, v in circuit.params.items()}
+
+    with _kernels_for_cpu_tensors(circuit) as emulator:
+        kernel = flows()
+        assert emulator.launched and not [k for k in emulator.launched if "logsumexp" in k]
+    reference = flows()
+    torch.testing.assert_close(kernel[0], reference[0], rtol=1e-12, atol=1e-12)
+    for key in reference[1]:
+        torch.testing.assert_close(kernel[1][key], reference[1][key], rtol=1e-10, atol=1e-12)
