@@ -15,7 +15,7 @@ summed out. Products are additions in log space and multiplications in linear sp
 
 Each formula exists once per representation: here, in :mod:`pclayer.ops.linear_sums` (the
 scaled dense sum, which the fused cross-product sums also use) and behind
-:mod:`pclayer.ops.dispatch` (the log-sum dense sum, with its CUDA twin).
+:mod:`pclayer.ops.dispatch` (the log-sum and max-product dense sums, with their CUDA twins).
 """
 
 from __future__ import annotations
@@ -25,15 +25,12 @@ import torch
 from pclayer.numerics import RENORMALISE_BELOW, SAFE_FLOOR
 from pclayer.ops import dispatch
 from pclayer.ops.linear_sums import linear_sums
+from pclayer.ops.normalised_mass import normalised_log_mass
 from pclayer.ops.sparse_evidence import candidate_log_weights
 
 def _backend(runtime) -> str:
     """The backend chosen for a circuit's :class:`~pclayer.runtime.Runtime` (``"auto"`` without one)."""
     return "auto" if runtime is None else runtime.backend
-
-
-MAX_PLUS_CHUNK = 1 << 20
-"""Elements of the (rows, N, C) max-plus temporaries formed at a time (4 MB in float32)."""
 
 
 class LogSum:
@@ -56,8 +53,9 @@ class LogSum:
         return dispatch.categorical_topk_evidence(values, indices, logp, backend=_backend(runtime), record=runtime)
 
     def no_evidence(self, logp: torch.Tensor, runtime=None) -> torch.Tensor:
-        """Discrete input summed out without evidence: logp (G|1, n, K) -> (G|1, n)."""
-        return dispatch.logsumexp(logp, backend=_backend(runtime), record=runtime)
+        """Discrete input summed out without evidence: logp (G|1, n, K) normalised -> (G|1, n)
+        zeros, with the gradient of log-sum-exp (no launch, on any backend)."""
+        return normalised_log_mass(logp)
 
     def continuous_summed_out(self, distribution, bank: torch.Tensor) -> torch.Tensor:
         """Continuous input summed out: (G, n) zeros (densities integrate to one)."""
@@ -71,19 +69,8 @@ class MaxProduct:
 
     def sum_dense(self, x: torch.Tensor, logw: torch.Tensor, runtime=None) -> torch.Tensor:
         """``max_c x[b, g, c] + logw[g, n, c]``: x (B, G, C), logw (G|1, N, C) -> (B, G, N),
-        a chunk of rows at a time (:data:`MAX_PLUS_CHUNK` elements of temporaries)."""
-        batch, groups, children = x.shape
-        nodes = logw.shape[1]
-        out = x.new_empty(batch, groups, nodes)
-        for g in range(groups):
-            w = logw[g if logw.shape[0] > 1 else 0]  # (N, C)
-            rows = max(1, MAX_PLUS_CHUNK // max(nodes * children, 1))
-            node_step = nodes if rows > 1 else max(1, MAX_PLUS_CHUNK // max(children, 1))
-            for b0 in range(0, batch, rows):
-                xb = x[b0:b0 + rows, g, None, :]  # (r, 1, C)
-                for n0 in range(0, nodes, node_step):
-                    torch.amax(xb + w[None, n0:n0 + node_step], dim=-1, out=out[b0:b0 + rows, g, n0:n0 + node_step])
-        return out
+        never as one (B, G, N, C) tensor (see :func:`pclayer.ops.dispatch.max_plus`)."""
+        return dispatch.max_plus(x, logw, backend=_backend(runtime), record=runtime)
 
     def sum_padded(self, a: torch.Tensor, runtime=None) -> torch.Tensor:
         return a.amax(-1)

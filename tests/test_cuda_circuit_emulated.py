@@ -94,7 +94,7 @@ def test_hmm_with_soft_evidence_runs_every_kernel():
         sampled = circuit.sample(x=x, missing=missing, soft_evidence=soft, generator=torch.Generator().manual_seed(1))
         launched = set(emulator.launched)
     assert {"pc_sum_dense_fwd_f32", "pc_sum_dense_grad_x_f32", "pc_sum_dense_grad_logw_f32",
-            "pc_inverse_cdf_f32"} <= launched
+            "pc_inverse_cdf_warp_f32"} <= launched
     flows = {k: v.grad.clone() for k, v in circuit.params.items()}
     circuit.zero_grad()
     assert circuit.runtime.last_backend == "cuda"
@@ -148,3 +148,55 @@ def test_kernels_never_receive_tensors_that_require_grad():
     reference = torch.logsumexp(x.detach()[:, :, None, :] + logw.detach()[None], -1)
     torch.testing.assert_close(y.detach(), reference, rtol=1e-12, atol=1e-12)
     assert x.grad is not None and logw.grad is not None
+
+
+def test_mpe_and_topk_evidence_run_their_kernels():
+    """MPE on the tiled max-plus kernel and top-k soft evidence (values, flows, posterior) on the
+    top-k kernels give the torch path's answers."""
+    root = pc.structures.hmm(4, 5, 40, seed=2)
+    circuit = pc.compile(root, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    missing = torch.rand(6, 4, generator=g) < 0.5
+    topk = pc.TopKEvidence(torch.randn(6, 4, 3, generator=g, dtype=torch.float64),
+                           torch.sort(torch.rand(6, 4, 40, generator=g).argsort(-1)[..., :3], -1).values)
+    x = topk.indices[..., 1]  # observed values among the candidates (else probability zero)
+
+    def queries():
+        circuit.zero_grad()
+        log_p = _log_sum_log_prob(circuit, x, missing, topk)
+        log_p.sum().backward()
+        flows = {k: v.grad.clone() for k, v in circuit.params.items()}
+        return circuit.mpe(x, missing=missing), log_p.detach(), flows, circuit.posterior(x, missing=missing, soft_evidence=topk)
+
+    with _kernels_for_cpu_tensors(circuit) as emulator:
+        kernel = queries()
+        launched = set(emulator.launched)
+    assert {"pc_max_plus_fwd_f64", "pc_categorical_topk_fwd_f64", "pc_categorical_topk_bwd_f64"} <= launched
+    reference = queries()
+    assert torch.equal(kernel[0], reference[0])
+    torch.testing.assert_close(kernel[1], reference[1], rtol=1e-12, atol=1e-12)
+    for key in reference[2]:
+        torch.testing.assert_close(kernel[2][key], reference[2][key], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(kernel[3], reference[3], rtol=1e-10, atol=1e-12)
+
+
+def test_summed_out_inputs_of_normalised_tables_launch_nothing():
+    """Missing categorical variables without evidence contribute log 1 = 0 with no kernel
+    launch (before, one padded-sum launch per input layer), and their flows are unchanged."""
+    circuit = pc.compile(pc.structures.hmm(4, 3, 6, seed=3), dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    x, missing = torch.randint(0, 6, (5, 4), generator=g), torch.rand(5, 4, generator=g) < 0.5
+
+    def flows():
+        circuit.zero_grad()
+        log_p = _log_sum_log_prob(circuit, x, missing)
+        log_p.sum().backward()
+        return log_p.detach(), {k: v.grad.clone() for k, v in circuit.params.items()}
+
+    with _kernels_for_cpu_tensors(circuit) as emulator:
+        kernel = flows()
+        assert emulator.launched and not [k for k in emulator.launched if "logsumexp" in k]
+    reference = flows()
+    torch.testing.assert_close(kernel[0], reference[0], rtol=1e-12, atol=1e-12)
+    for key in reference[1]:
+        torch.testing.assert_close(kernel[1][key], reference[1][key], rtol=1e-10, atol=1e-12)

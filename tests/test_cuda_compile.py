@@ -33,6 +33,18 @@ def test_nvcc_builds_every_kernel_for_sm80_and_sm90_without_warnings_or_spills(t
     assert all(r.registers > 0 for r in reports)
     spilling = [r for r in reports if r.spill_stores or r.spill_loads]
     assert not spilling, f"register spills:\n{table}"
+    # a block whose threads need more than an SM's 65,536 registers cannot launch at all
+    too_many = [r for r in reports if r.registers * _block_threads(r.kernel) > 65536]
+    assert not too_many, f"blocks exceeding 65,536 registers:\n{table}"
+
+
+def _block_threads(kernel: str) -> int:
+    """Threads per block that pclayer.cuda.ops launches ``kernel`` with."""
+    from pclayer.cuda import ops
+
+    sizes = {"pc_inverse_cdf_block": ops.CDF_BLOCK, "pc_inverse_cdf_warp": 32 * ops.CDF_WARP_ROWS,
+             "pc_max_plus_fwd": 16 * 16, "pc_categorical_topk": ops.TOPK_THREADS}
+    return next((threads for prefix, threads in sizes.items() if kernel.startswith(prefix)), ops.THREADS)
 
 
 def test_shipped_fatbins_hold_sm80_sm90_cubins_and_ptx():

@@ -159,20 +159,43 @@ def test_cupy_runner_compiles_the_source_when_the_fatbin_does_not_fit_the_gpu(mo
     monkeypatch.setitem(sys.modules, "cupy", fake.module)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=1))
     runner = cupy_runner.CupyRunner()
-    runner("inverse_cdf.cu", "pc_inverse_cdf_f64", (1, 1, 1), (128, 1, 1),
+    runner("inverse_cdf.cu", "pc_inverse_cdf_warp_f64", (1, 1, 1), (128, 1, 1),
            (torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.float64),
             torch.zeros(2, dtype=torch.int64), np.int64(2), np.int32(3)))
     assert [m["code"] for m in fake.modules] == [False, True]
     assert fake.modules[1]["options"][0] == f"-I{cupy_runner.KERNEL_DIR}"
-    assert runner.sources == {"inverse_cdf.cu": "nvrtc"} and fake.calls[-1][0] == "pc_inverse_cdf_f64"
+    assert runner.sources == {"inverse_cdf.cu": "nvrtc"} and fake.calls[-1][0] == "pc_inverse_cdf_warp_f64"
 
 
 def test_auto_takes_the_torch_route_even_where_the_kernels_could_run(monkeypatch):
     """No kernel has been measured faster than torch's route on a GPU, so "auto" never picks
     one (pclayer/cuda/README.md argues each operation); "cuda" still forces them."""
     monkeypatch.setattr(dispatch, "_kernel_obstacle", lambda tensors, differentiable: None)
-    for operation in ("sum_dense", "logsumexp", "categorical_topk_evidence", "inverse_cdf"):
+    for operation in ("sum_dense", "max_plus", "logsumexp", "categorical_topk_evidence", "inverse_cdf"):
         record = _Record()
         assert dispatch.choose_backend("auto", operation, (torch.zeros(1),), record=record) == "torch"
         assert record.last_backend == "torch"
         assert dispatch.choose_backend("cuda", operation, (torch.zeros(1),)) == "cuda"
+
+
+def test_max_plus_has_no_backward_kernel_so_cuda_refuses_inputs_that_require_grad():
+    x, logw = torch.randn(2, 1, 3, requires_grad=True), torch.randn(1, 4, 3)
+    with pytest.raises(dispatch.BackendUnavailableError, match="max_plus: this operation has no backward kernel"):
+        dispatch.max_plus(x, logw, backend="cuda")
+    with torch.no_grad():
+        with pytest.raises(dispatch.BackendUnavailableError, match="max_plus: the kernels need CUDA tensors"):
+            dispatch.max_plus(x, logw, backend="cuda")
+        torch.testing.assert_close(dispatch.max_plus(x, logw), (x[:, :, None, :] + logw[None]).amax(-1))
+
+
+def test_fused_sampling_arguments_are_validated():
+    logits, uniforms = torch.randn(3, 5), torch.rand(4)
+    rows = torch.tensor([0, 2, 2, 1])
+    with pytest.raises(ValueError, match="addend, addend_rows: expected both or neither"):
+        dispatch.inverse_cdf(logits, uniforms, rows=rows, addend=torch.randn(2, 5))
+    with pytest.raises(ValueError, match=r"addend: expected \(S, 5\)"):
+        dispatch.inverse_cdf(logits, uniforms, rows=rows, addend=torch.randn(2, 6), addend_rows=rows)
+    with pytest.raises(ValueError, match="addend_rows: expected a 1-d int64 tensor of length 4"):
+        dispatch.inverse_cdf(logits, uniforms, rows=rows, addend=torch.randn(2, 5), addend_rows=rows[:3])
+    with pytest.raises(ValueError, match=r"uniforms: expected values in \[0, 1\] without NaN"):
+        dispatch.inverse_cdf(logits, torch.tensor([0.5, 1.5, 0.0, 0.1]), rows=rows)

@@ -131,7 +131,7 @@ def test_chunked_log_matmul_exp_matches_one_shot(monkeypatch, shared):
 @pytest.mark.parametrize("chunk", [1, 7, 1 << 18])
 @pytest.mark.parametrize("groups", [1, 3])
 def test_max_plus_in_chunks_equals_the_materialised_maximum(monkeypatch, chunk, groups):
-    monkeypatch.setattr(importlib.import_module("pclayer.representations"), "MAX_PLUS_CHUNK", chunk)
+    monkeypatch.setattr(importlib.import_module("pclayer.ops.max_plus"), "MAX_PLUS_CHUNK", chunk)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, 3, 6, generator=gen, dtype=F64)
     x[0, 0, :] = -torch.inf

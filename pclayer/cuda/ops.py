@@ -69,6 +69,28 @@ def sum_dense_forward(runner: KernelRunner, x: torch.Tensor, logw: torch.Tensor)
     return y
 
 
+MAX_PLUS_TILE = 32
+"""Rows x nodes per block of ``pc_max_plus_fwd_*`` (``PC_MP_TILE``; 16 x 16 threads)."""
+
+
+def max_plus_forward(runner: KernelRunner, x: torch.Tensor, logw: torch.Tensor) -> torch.Tensor:
+    """``y[b,g,n] = max_c logw[g|0,n,c] + x[b,g,c]``: x (B,G,C), logw (G|1,N,C) -> (B,G,N)."""
+    x, logw = x.contiguous(), logw.contiguous()
+    batch, groups, children = x.shape
+    nodes = logw.shape[1]
+    y = torch.empty(batch, groups, nodes, dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    grid = (-(-nodes // MAX_PLUS_TILE), -(-batch // MAX_PLUS_TILE), groups)
+    if grid[1] > _MAX_GRID_Y or groups > _MAX_GRID_Y:
+        raise ValueError(f"x: {batch} rows and {groups} groups exceed the kernel grid "
+                         f"({_MAX_GRID_Y * MAX_PLUS_TILE} rows, {_MAX_GRID_Y} groups)")
+    _launch(runner, "max_plus.cu", _name("pc_max_plus_fwd", x.dtype), grid, (16, 16, 1),
+            (x, logw, y, _int32(batch, "B"), _int32(groups, "G"), _int32(nodes, "N"), _int32(children, "C"),
+             np.int32(logw.shape[0] == 1)))
+    return y
+
+
 def sum_dense_backward(runner: KernelRunner, x: torch.Tensor, logw: torch.Tensor, y: torch.Tensor,
                        grad_y: torch.Tensor, need_x: bool, need_logw: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Node flows ``grad_x`` (B,G,C) and parameter flows ``grad_logw`` (G|1,N,C) of
@@ -113,29 +135,83 @@ def logsumexp_backward(runner: KernelRunner, a: torch.Tensor, y: torch.Tensor, g
     return grad_a
 
 
+TOPK_THREADS = 128
+"""Nodes per block of the top-k evidence kernels (``PC_TOPK_THREADS``)."""
+
+
 def categorical_topk_forward(runner: KernelRunner, values: torch.Tensor, indices: torch.Tensor,
-                             log_table: torch.Tensor) -> torch.Tensor:
-    """``y[b,g,n] = log sum_j exp(values[b,g,j] + log_table[g|0,n,indices[b,g,j]])``:
-    values, indices (B,G,k), log_table (G|1,n,K) -> (B,G,n). Indices must lie in [0, K)."""
-    values, indices, log_table = values.contiguous(), indices.contiguous(), log_table.contiguous()
+                             log_table_t: torch.Tensor) -> torch.Tensor:
+    """``y[b,g,n] = log sum_j exp(values[b,g,j] + log_table_t[g|0,indices[b,g,j],n])``:
+    values, indices (B,G,k), the transposed log-table (G|1,K,n) -> (B,G,n). Indices must lie in [0, K)."""
+    values, indices, log_table_t = values.contiguous(), indices.contiguous(), log_table_t.contiguous()
     batch, groups, k = values.shape
-    table_groups, nodes, cats = log_table.shape
+    table_groups, cats, nodes = log_table_t.shape
     y = torch.empty(batch, groups, nodes, dtype=values.dtype, device=values.device)
     if y.numel():
-        _launch(runner, "categorical_topk.cu", _name("pc_categorical_topk_fwd", values.dtype), (_blocks(y.numel()), 1, 1),
-               (THREADS, 1, 1), (values, indices, log_table, y, np.int64(batch * groups), _int32(groups, "G"),
-                                 _int32(k, "k"), _int32(nodes, "n"), _int32(cats, "K"), np.int32(table_groups == 1)))
+        _launch(runner, "categorical_topk.cu", _name("pc_categorical_topk_fwd", values.dtype), _topk_grid(batch * groups, nodes),
+                (TOPK_THREADS, 1, 1), (values, indices, log_table_t, y, _int32(groups, "G"), _int32(k, "k"),
+                                       _int32(nodes, "n"), _int32(cats, "K"), np.int32(table_groups == 1)))
     return y
 
 
-def inverse_cdf(runner: KernelRunner, logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Index per row drawn from softmax(logits) (A,C) by inverse CDF with uniforms (A,) -> (A,) int64."""
-    logits, uniforms = logits.contiguous(), uniforms.to(logits.dtype).contiguous()
-    rows, width = logits.shape
-    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    if rows:
-        _launch(runner, "inverse_cdf.cu", _name("pc_inverse_cdf", logits.dtype), (_blocks(rows), 1, 1), (THREADS, 1, 1),
-               (logits, uniforms, out, np.int64(rows), _int32(width, "C")))
+def categorical_topk_backward(runner: KernelRunner, values: torch.Tensor, indices: torch.Tensor, log_table_t: torch.Tensor,
+                              y: torch.Tensor, grad_y: torch.Tensor, need_values: bool,
+                              need_table: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flows of :func:`categorical_topk_forward`: ``grad_values`` (B,G,k) and ``grad_table_t``
+    (G|1,K,n) (zeros where not needed); terms with non-finite y are zero."""
+    values, indices, log_table_t = values.contiguous(), indices.contiguous(), log_table_t.contiguous()
+    y, grad_y = y.contiguous(), grad_y.contiguous()
+    batch, groups, k = values.shape
+    table_groups, cats, nodes = log_table_t.shape
+    grad_values, grad_table_t = torch.zeros_like(values), torch.zeros_like(log_table_t)
+    if y.numel() and k and (need_values or need_table):
+        _launch(runner, "categorical_topk.cu", _name("pc_categorical_topk_bwd", values.dtype), _topk_grid(batch * groups, nodes),
+                (TOPK_THREADS, 1, 1), (values, indices, log_table_t, y, grad_y, grad_values, grad_table_t,
+                                       _int32(groups, "G"), _int32(k, "k"), _int32(nodes, "n"), _int32(cats, "K"),
+                                       np.int32(table_groups == 1), np.int32(need_values), np.int32(need_table)))
+    return grad_values, grad_table_t
+
+
+def _topk_grid(rows: int, nodes: int) -> tuple[int, int, int]:
+    node_blocks = -(-nodes // TOPK_THREADS)
+    if node_blocks > _MAX_GRID_Y:
+        raise ValueError(f"log_table: {nodes} nodes exceed the kernel grid ({_MAX_GRID_Y * TOPK_THREADS})")
+    return rows, node_blocks, 1
+
+
+CDF_WARP_ROWS = 4
+"""Rows (one warp each) per block of ``pc_inverse_cdf_warp_*``."""
+CDF_WARP_MAX_C = 4096
+"""Longest row ``pc_inverse_cdf_warp_*`` takes (a warp per row); longer rows take a block each."""
+CDF_BLOCK = 1024
+"""Threads per block of ``pc_inverse_cdf_block_*`` (one block per row)."""
+CDF_BLOCK_MAX_C = 1024 * 4 * 4096
+"""Longest row ``pc_inverse_cdf_block_*`` takes (4096 tiles of 4096 elements in shared memory)."""
+
+
+def inverse_cdf(runner: KernelRunner, table: torch.Tensor, uniforms: torch.Tensor, rows: torch.Tensor | None = None,
+                addend: torch.Tensor | None = None, addend_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Index per draw ``a`` from softmax of the row ``table[rows[a]] + addend[addend_rows[a]]``
+    by inverse CDF with ``uniforms[a]``: table (R, C), uniforms (A,), rows / addend_rows (A,)
+    int64 (None: ``rows`` = 0..A-1, no addend), addend (S, C) -> (A,) int64. The gather and
+    the addition happen in the kernel: a warp per row up to :data:`CDF_WARP_MAX_C` columns, a
+    block per row beyond."""
+    table, uniforms = table.contiguous(), uniforms.to(table.dtype).contiguous()
+    draws, width = uniforms.shape[0], table.shape[1]
+    out = torch.empty(draws, dtype=torch.int64, device=table.device)
+    if not draws:
+        return out
+    if width > CDF_BLOCK_MAX_C:
+        raise ValueError(f"logits: rows of {width} categories exceed the sampling kernel's {CDF_BLOCK_MAX_C}")
+    rows = torch.arange(draws, device=table.device) if rows is None else rows.contiguous()
+    has_addend = addend is not None
+    addend, addend_rows = (addend.contiguous(), addend_rows.contiguous()) if has_addend else (table, rows)
+    if width <= CDF_WARP_MAX_C:
+        kernel, grid, block = "pc_inverse_cdf_warp", (-(-draws // CDF_WARP_ROWS), 1, 1), (32 * CDF_WARP_ROWS, 1, 1)
+    else:
+        kernel, grid, block = "pc_inverse_cdf_block", (draws, 1, 1), (CDF_BLOCK, 1, 1)
+    _launch(runner, "inverse_cdf.cu", _name(kernel, table.dtype), grid, block,
+            (table, rows, addend, addend_rows, np.int32(has_addend), uniforms, out, np.int64(draws), _int32(width, "C")))
     return out
 
 
@@ -167,6 +243,31 @@ class _LogSumExp(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):  # type: ignore[override]
         a, y = ctx.saved_tensors
         return logsumexp_backward(ctx.runner, a, y, grad_y), None
+
+
+class _CategoricalTopK(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, indices: torch.Tensor, log_table: torch.Tensor,  # type: ignore[override]
+                runner: KernelRunner) -> torch.Tensor:
+        log_table_t = log_table.detach().transpose(1, 2).contiguous()  # one copy, shared with backward
+        y = categorical_topk_forward(runner, values, indices, log_table_t)
+        ctx.runner = runner
+        ctx.save_for_backward(values, indices, log_table_t, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):  # type: ignore[override]
+        values, indices, log_table_t, y = ctx.saved_tensors
+        grad_values, grad_table_t = categorical_topk_backward(ctx.runner, values, indices, log_table_t, y, grad_y,
+                                                              ctx.needs_input_grad[0], ctx.needs_input_grad[2])
+        return grad_values, None, grad_table_t.transpose(1, 2), None
+
+
+def categorical_topk(runner: KernelRunner, values: torch.Tensor, indices: torch.Tensor,
+                     log_table: torch.Tensor) -> torch.Tensor:
+    """Differentiable top-k evidence with a (G|1,n,K) log-table, read by the kernels as its
+    transposed (G|1,K,n) copy; backward runs the flow kernel (parameter flows for EM)."""
+    return _CategoricalTopK.apply(values, indices, log_table, runner)
 
 
 def sum_dense(runner: KernelRunner, x: torch.Tensor, logw: torch.Tensor) -> torch.Tensor:

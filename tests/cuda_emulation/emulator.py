@@ -5,8 +5,12 @@
 arrays for pointer parameters and numpy scalars of the exact C type for value parameters
 (``numpy.int32`` for ``int``, ``numpy.int64`` for ``long long``), checked against the kernel's
 signature parsed from the source. Each block's threads run as fibers that switch at
-``__syncthreads``, in ``thread_order`` "index", "reversed" or "shuffled" (blocks too), on one OS
-thread. The shared library is cached in the temp directory, keyed by a hash of every input.
+``__syncthreads`` and at warp-level operations (``scheduler.cpp``), picked in ``thread_order``
+"index", "reversed" or "shuffled" (blocks too), on one OS thread. The shared library is cached in the temp directory, keyed by a hash of every input.
+Floating point is contracted as on a GPU: ``a*b+c`` compiles to one fused multiply-add
+(``-ffp-contract=fast -mfma``, nvcc's default ``--fmad=true``), and ``expf``/``logf``/``exp``/``log``
+err within CUDA's documented ulp bounds. Warp-level operations (shuffles, ballot,
+``__syncwarp``) are emulated with CUDA's lane arithmetic (``cuda_emu.h``).
 ``sanitize=True`` builds with AddressSanitizer; such a library only loads in a process started
 with the ASan runtime preloaded (see :func:`asan_environment`).
 """
@@ -29,7 +33,10 @@ HERE = Path(__file__).resolve().parent
 HEADER = HERE / "cuda_emu.h"
 SCHEDULER = HERE / "scheduler.cpp"
 THREAD_ORDERS = {"index": 0, "reversed": 1, "shuffled": 2}
-_CXXFLAGS = ["-std=c++17", "-O1", "-g", "-fPIC", "-Wall", "-Wextra", "-Werror"]
+# -ffp-contract=fast -mfma: contract a*b+c into one FMA as nvcc does by default (--fmad=true); GCC forms
+# FMAs in a pass that -O1 runs only with -fexpensive-optimizations
+_CXXFLAGS = ["-std=c++17", "-O1", "-g", "-fPIC", "-Wall", "-Wextra", "-Werror", "-ffp-contract=fast", "-mfma",
+             "-fexpensive-optimizations", "-U_FORTIFY_SOURCE"]
 _SIGNATURE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)', re.S)
 _COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
 _VALUE_TYPES = {

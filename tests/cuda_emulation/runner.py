@@ -36,3 +36,15 @@ class EmulatorRunner:
         arrays = tuple(a.numpy() if isinstance(a, torch.Tensor) else a for a in args)
         self.emulator.get_function(kernel)(grid, block, arrays)
         self.launched.append(kernel)
+
+
+def mutated_emulator(directory: Path, source: str, old: str, new: str, thread_order: str, seed: int = 0) -> Emulator:
+    """An :class:`Emulator` of the kernel file ``source`` with its one occurrence of ``old``
+    replaced by ``new`` (written with the kernel headers into ``directory``): a mutation
+    check's broken kernel."""
+    text = (KERNEL_DIR / source).read_text()
+    assert text.count(old) == 1, f"{source}: expected exactly one {old!r}"
+    for header in KERNEL_DIR.glob("*.h"):
+        (directory / header.name).write_text(header.read_text())
+    (directory / source).write_text(text.replace(old, new))
+    return Emulator([directory / source], thread_order=thread_order, seed=seed)
