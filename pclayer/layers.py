@@ -41,24 +41,31 @@ class Chooser:
         """(count,) uniforms in [0, 1), or None for a deterministic chooser."""
         return None
 
-    def pick(self, scores: torch.Tensor, uniforms: torch.Tensor | None,
-             rows: torch.Tensor | None = None, linear: bool = False) -> torch.Tensor:
+    def pick(self, scores: torch.Tensor, uniforms: torch.Tensor | None, rows: torch.Tensor | None = None,
+             linear: bool = False, addend: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """(A,) chosen indices for ``scores`` (A, C) and ``uniforms`` (A,) or None; with
         ``rows`` (A,), ``scores`` (R, C) is a table and choice ``a`` is made in its row
         ``rows[a]`` (the same choice as from ``scores[rows]``). ``linear``: the scores are
-        non-negative weights, not log-weights. Callers pass scores of their own: the
-        chooser may overwrite them."""
+        non-negative weights, not log-weights. ``addend`` = ``(table (S, C), rows (A,))``
+        adds ``table[rows[a]]`` to the log-weights of choice ``a`` (a sum node's children's
+        log-values; gathered and added in one pass where a kernel does it). Callers pass
+        scores of their own unless they give ``rows`` or ``addend``: the chooser may
+        overwrite them."""
         raise NotImplementedError
 
-    def __call__(self, scores: torch.Tensor, rows: torch.Tensor | None = None, linear: bool = False) -> torch.Tensor:
-        return self.pick(scores, self.uniforms(scores.shape[0] if rows is None else rows.shape[0]), rows, linear)
+    def __call__(self, scores: torch.Tensor, rows: torch.Tensor | None = None, linear: bool = False,
+                 addend: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        return self.pick(scores, self.uniforms(scores.shape[0] if rows is None else rows.shape[0]), rows, linear, addend)
 
 
 class ArgmaxChooser(Chooser):
     """The largest weight (MPE)."""
 
-    def pick(self, scores: torch.Tensor, uniforms: torch.Tensor | None,
-             rows: torch.Tensor | None = None, linear: bool = False) -> torch.Tensor:
+    def pick(self, scores: torch.Tensor, uniforms: torch.Tensor | None, rows: torch.Tensor | None = None,
+             linear: bool = False, addend: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        if addend is not None:
+            gathered = scores if rows is None else scores.index_select(0, rows)
+            return (gathered + addend[0].index_select(0, addend[1])).argmax(-1)
         best = scores.argmax(-1)
         return best if rows is None else best.index_select(0, rows)
 
@@ -902,10 +909,13 @@ class SumLayer(_Reader):
             if z.shape[0] == 1 and spec["groups"] * n <= len(b):  # shared values, more draws than nodes:
                 table = combine(w, x[0].unsqueeze(1)).reshape(-1, w.shape[-1])  # one distribution per node
                 chosen = chooser(table, flat, linear=linear)
-            else:
-                rows = w[0].index_select(0, j) if w.shape[0] == 1 else w.reshape(-1, w.shape[-1]).index_select(0, flat)
-                children = x.reshape(-1, x.shape[-1]).index_select(0, _value_rows(b, z.shape[0]) * x.shape[1] + g)
-                chosen = chooser(rows.mul_(children) if linear else rows.add_(children), linear=linear)
+            else:  # node rows of the weights, each with its draw's children's values
+                table, rows = (w[0], j) if w.shape[0] == 1 else (w.reshape(-1, w.shape[-1]), flat)
+                children = x.reshape(-1, x.shape[-1]), _value_rows(b, z.shape[0]) * x.shape[1] + g
+                if linear:
+                    chosen = chooser(table.index_select(0, rows).mul_(children[0].index_select(0, children[1])), linear=True)
+                else:
+                    chosen = chooser(table, rows, addend=children)
             picked.append((b, getattr(self, f"dense_children_{i}")[g, chosen]))
             start += size
         if self.sparse:

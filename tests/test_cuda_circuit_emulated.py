@@ -200,3 +200,32 @@ def test_summed_out_inputs_of_normalised_tables_launch_nothing():
     torch.testing.assert_close(kernel[0], reference[0], rtol=1e-12, atol=1e-12)
     for key in reference[1]:
         torch.testing.assert_close(kernel[1][key], reference[1][key], rtol=1e-10, atol=1e-12)
+
+
+def test_choices_in_a_log_space_layer_use_the_fused_gather_of_the_sampling_kernel():
+    """A sum reading an input layer that fell back to log space (evidence far below the float32
+    range on one variable) hands its log-weights and its children's log-values to the sampling
+    kernel, which gathers and adds them itself; the draws equal the torch path's."""
+    from pclayer.cuda import ops
+
+    probs = torch.tensor([[0.8, 0.15, 0.05], [0.05, 0.15, 0.8]], dtype=torch.float64)
+    a = pc.inputs(0, 1, pc.Categorical(3), generator=torch.Generator().manual_seed(1))
+    b = pc.inputs(1, 2, pc.Categorical(3), params={"probs": probs})
+    circuit = pc.compile(pc.multiply(a, pc.summate(b, num_nodes=1, generator=torch.Generator().manual_seed(2))),
+                         dtype=torch.float32)
+    soft = torch.tensor([[[0.0, -1.0, 0.5], [-95.0, -96.0, -94.5]]]).expand(300, -1, -1)
+    x = torch.zeros(300, 2, dtype=torch.long)
+    missing = torch.ones_like(x, dtype=torch.bool)
+    fused = []
+    original = ops.inverse_cdf
+
+    def spy(runner, table, uniforms, rows=None, addend=None, addend_rows=None):
+        fused.append(addend is not None)
+        return original(runner, table, uniforms, rows, addend, addend_rows)
+
+    with _kernels_for_cpu_tensors(circuit), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "inverse_cdf", spy)
+        kernel = circuit.sample(x=x, missing=missing, soft_evidence=soft, generator=torch.Generator().manual_seed(4))
+    reference = circuit.sample(x=x, missing=missing, soft_evidence=soft, generator=torch.Generator().manual_seed(4))
+    assert any(fused), "no choice went through the fused gather"
+    assert torch.equal(kernel, reference)

@@ -64,10 +64,12 @@ class _InverseCDF(Chooser):
     def uniforms(self, count: int) -> torch.Tensor:
         return torch.rand(count, generator=self.generator, dtype=self.dtype, device=self.device)
 
-    def pick(self, scores: torch.Tensor, uniforms: torch.Tensor | None,
-             rows: torch.Tensor | None = None, linear: bool = False) -> torch.Tensor:
+    def pick(self, scores: torch.Tensor, uniforms: torch.Tensor | None, rows: torch.Tensor | None = None,
+             linear: bool = False, addend: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         return dispatch.inverse_cdf(scores, uniforms, backend=self.runtime.backend, record=self.runtime, rows=rows,
-                                    linear=linear, overwrite=True)
+                                    linear=linear, overwrite=rows is None and addend is None,
+                                    addend=None if addend is None else addend[0],
+                                    addend_rows=None if addend is None else addend[1])
 
 
 def _rows(value: torch.Tensor | TopKEvidence | None) -> int | None:
