@@ -218,6 +218,12 @@ class _Reader(nn.Module):
         common, factors, low = outputs.common_scale(self.source_layers)
         return self.gather(outputs.probs, factors), common, low
 
+    def activate(self, active: ActiveNodes, values, tables: Tables, chooser: Chooser,
+                 pending: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """One step of the top-down pass: the children this layer's ``active`` nodes activate
+        (:meth:`select`), handed to their layers in ``pending`` (:meth:`scatter_active`)."""
+        self.scatter_active(*self.select(active, values, tables, chooser), pending)
+
     def scatter_active(self, b: torch.Tensor, position: torch.Tensor,
                        pending: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
         """Hand the active positions of ``z`` (pairs of draw ``b`` and ``position``, (A,)
@@ -657,6 +663,26 @@ def _running_product(parts: list[torch.Tensor], scales: list[torch.Tensor | None
     return checked(result, scale, low, owned=out is not None)
 
 
+def _column_sources(spec: ProductLayerSpec) -> list[tuple[int, int]] | None:
+    """Per child column of a product layer, (source segment, its first position in ``z``)
+    when every child in the column lies in that one segment; None if some column spans two."""
+    bounds, start = [], 0
+    for segment in spec.sources:
+        bounds.append((start, start + segment.index.numel()))
+        start += segment.index.numel()
+    columns = []
+    for f in range(spec.children.shape[1]):
+        column = spec.children[:, f]
+        if not column.numel():
+            return None
+        low, high = int(column.min()), int(column.max())
+        found = [(i, a) for i, (a, b) in enumerate(bounds) if a <= low and high < b]
+        if not found:
+            return None
+        columns.append(found[0])
+    return columns
+
+
 class ProductLayer(_Reader):
     """Products: sums of children's log-values, or products of their probabilities."""
 
@@ -673,6 +699,7 @@ class ProductLayer(_Reader):
         if self.outer is not None:
             _register(self, "outer_left", self.outer[0].reshape(-1))
             _register(self, "outer_right", self.outer[1].reshape(-1))
+        self.column_sources = None if self.padded else _column_sources(spec)
 
     def reads(self) -> list[tuple[int, int, int]]:
         return self.column_reads if self.column_reads is not None else super().reads()
@@ -756,6 +783,20 @@ class ProductLayer(_Reader):
             a, b = self._outer_parts(z)
             return checked((a * b).reshape(z.shape[0], self.num_nodes), scale, low * low)
         return checked(_multiply(self.child_columns(z)), scale, low ** self.fan_in)
+
+    def activate(self, active: ActiveNodes, values, tables: Tables, chooser: Chooser,
+                 pending: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """Every child of an active product is active. When each child column lies in one
+        source segment, its nodes go straight to that segment's layer (no split of the
+        gathered positions by segment)."""
+        if self.column_sources is None:
+            super().activate(active, values, tables, chooser, pending)
+            return
+        for f, (i, start) in enumerate(self.column_sources):
+            local = self.child_index[:, f].index_select(0, active.node) - start
+            span = self.source_spans[i]
+            nodes = local + span[0] if span is not None else getattr(self, f"source_{i}").index_select(0, local)
+            pending[self.source_layers[i]].append((active.b, nodes))
 
     def select(self, active: ActiveNodes, outputs: list[torch.Tensor], tables: dict,
                chooser: Chooser) -> tuple[torch.Tensor, torch.Tensor]:

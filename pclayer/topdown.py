@@ -47,8 +47,7 @@ def top_down(circuit, values: LayerValues, tables: Tables, x: torch.Tensor,
     for index in range(len(layers) - 1, 0, -1):
         active = ActiveNodes(pending[index], circuit.layer_widths[index], device)
         pending[index] = []
-        b, position = layers[index].select(active, values, tables, chooser)
-        layers[index].scatter_active(b, position, pending)
+        layers[index].activate(active, values, tables, chooser, pending)
     active = ActiveNodes(pending[0], circuit.layer_widths[0], device)
     return layers[0].emit(active, batch, tables, x, missing, evidence, chooser, normals,
                           linear=values.scaled is not None and 0 not in values.logged, scratch=workspace(circuit, x))
