@@ -243,9 +243,20 @@ def window_evidence(circuit, logits: torch.Tensor | SparseLogits, x_t: torch.Ten
 def _topk_soft(circuit, logits: torch.Tensor | SparseLogits, masked: torch.Tensor, temperature: float,
                top_k: int | None) -> pclayer.TopKEvidence:
     """Top-k evidence of the masked positions ``masked`` (B, W); every other position is free
-    (its candidates are placeholders: the tokens ``0..k-1`` with weight 0 on padding)."""
+    (its candidates are placeholders: the tokens ``0..k-1`` with weight 0, chosen only at
+    masked positions)."""
     batch, width, _ = logits.shape
-    values, indices = tempered_top_k(logits, temperature, top_k, circuit.dtype)
+    real = masked[:, :width]
+    if isinstance(logits, SparseLogits) or bool(real.all()):
+        values, indices = tempered_top_k(logits, temperature, top_k, circuit.dtype)
+    else:  # only masked positions carry evidence: select the top-k of those rows alone
+        rows = real.reshape(-1).nonzero().squeeze(1)
+        picked, chosen = tempered_top_k(logits.reshape(batch * width, 1, -1).index_select(0, rows),
+                                        temperature, top_k, circuit.dtype)
+        k = picked.shape[-1]
+        values = picked.new_zeros(batch * width, k).index_copy_(0, rows, picked.squeeze(1)).view(batch, width, k)
+        indices = torch.arange(k, device=chosen.device).repeat(batch * width, 1)
+        indices = indices.index_copy_(0, rows, chosen.squeeze(1)).view(batch, width, k)
     k = values.shape[-1]
     pad = circuit.num_vars - width
     if pad:
