@@ -214,12 +214,22 @@ class CoDDLayer(nn.Module):
             raise ValueError(f"x_0: differs from x_t at unmasked position (row {b}, position {i}): {int(x_0[b, i])} vs {int(x_t[b, i])}")
         x_full = torch.nn.functional.pad(x_0, (0, self.window - width), value=0)
         padding = ev.missing & ~ev.masked
-        numerator = self.circuit.log_prob(x_full, missing=padding, soft_evidence=ev.soft)
-        denominator = self.circuit.log_prob(ev.x, missing=ev.missing, soft_evidence=ev.soft)
+        # numerator and denominator rows in one circuit pass (the tables are normalised once)
+        both = self.circuit.log_prob(torch.cat([x_full, ev.x]), missing=torch.cat([padding, ev.missing]),
+                                     soft_evidence=_twice(ev.soft))
+        numerator, denominator = both[:batch], both[batch:]
         if bool(torch.isinf(denominator).any()):
             rows = torch.isinf(denominator).nonzero().flatten().tolist()
             raise pclayer.ZeroProbabilityError(f"x_t: the unmasked tokens of rows {rows[:10]} have probability zero under the circuit")
         return numerator - denominator
+
+
+def _twice(soft: torch.Tensor | pclayer.TopKEvidence) -> torch.Tensor | pclayer.TopKEvidence:
+    """The evidence of a batch stacked on itself (rows ``b`` and ``B + b`` alike)."""
+    if isinstance(soft, pclayer.TopKEvidence):
+        free = None if soft.free is None else torch.cat([soft.free, soft.free])
+        return pclayer.TopKEvidence(torch.cat([soft.values, soft.values]), torch.cat([soft.indices, soft.indices]), free)
+    return torch.cat([soft, soft])
 
 
 def _check_bool(name: str, value: object) -> bool:
