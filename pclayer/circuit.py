@@ -14,7 +14,7 @@ from pclayer.passes import optimize as optimize_plan
 from pclayer.plan import InputLayerSpec, Plan
 from pclayer.representations import SCALED
 from pclayer.runtime import Runtime, stamp
-from pclayer.tables import Tables, normalise_log
+from pclayer.tables import ParameterLogTables, Tables, normalise_log
 from pclayer.traversal import LayerValues, traverse
 
 
@@ -137,7 +137,11 @@ class TensorCircuit(nn.Module):
         cached = tables is None and (self._tables_cacheable() or (constant_parameters and not torch.is_inference_mode_enabled()))
         if cached:
             return Tables(self, None)
-        return Tables(self, self._with_bank_views(self.log_tables() if tables is None else tables))
+        if tables is None:
+            views = self.plan.optimized and torch.is_grad_enabled() and any(
+                self.params[key].requires_grad for key in self.split_tables if key in self.params)
+            return Tables(self, ParameterLogTables(self, bank_views=views))
+        return Tables(self, self._with_bank_views(tables))
 
     def _with_bank_views(self, tables: dict) -> dict:
         """``tables`` plus, when gradients flow, an unbound view (key, bank) per bank of the

@@ -471,7 +471,7 @@ class InputLayer(nn.Module):
         if bucket["shared"] is None:
             theta = tables.linear(bucket["key"])[0].index_select(0, getattr(self, f"bank_{i}"))  # (G, n, K)
             return torch.where(gone.unsqueeze(-1), torch.einsum("bgk,gnk->bgn", w, theta), value)
-        theta = tables.linear(bucket["key"])[0][bucket["shared"]].t()  # (K, n): a transposed view, no copy
+        theta = _bank(tables.linear(bucket["key"])[0], bucket["shared"]).t()  # (K, n): a transposed view, no copy
         rows = gone.reshape(-1).nonzero().squeeze(1)
         marginal = w.reshape(batch * groups, k).index_select(0, rows) @ theta  # (R, n)
         return value.reshape(batch * groups, -1).index_copy(0, rows, marginal).view(batch, groups, -1)

@@ -46,13 +46,52 @@ def normalise_linear(circuit, key: str, raw: torch.Tensor, out: torch.Tensor | N
     return circuit.bank_distribution(key).linear_table(raw, out=out)
 
 
+class ParameterLogTables(Mapping):
+    """The normalised log-tables of a circuit's current parameters, each computed (and
+    differentiable) on first access, so an evaluation normalises only the banks it reads in
+    log space. With ``bank_views``, ``(key, bank)`` gives an unbound per-bank view of a table
+    that sum layers read one bank at a time (:attr:`TensorCircuit.split_tables`): autograd then
+    stacks their gradients once instead of building a full-size zero tensor per reader."""
+
+    def __init__(self, circuit, bank_views: bool):
+        self.circuit = circuit
+        self.bank_views = bank_views
+        self._memo: dict = {}
+
+    def __getitem__(self, key):
+        found = self._memo.get(key)
+        if found is not None:
+            return found
+        if isinstance(key, tuple):
+            name, bank = key
+            if not self.bank_views or name not in self.circuit.split_tables:
+                raise KeyError(key)
+            for index, view in enumerate(self[name].unbind(0)):
+                self._memo[(name, index)] = view
+            return self._memo[key]
+        if key not in self.circuit.plan.banks:
+            raise KeyError(key)
+        found = self._memo[key] = normalise_log(self.circuit, key, self.circuit.bank_tensor(key))
+        return found
+
+    def __iter__(self):
+        yield from self.circuit.plan.banks
+        if self.bank_views:
+            for name in self.circuit.split_tables:
+                yield from ((name, bank) for bank in range(self.circuit.bank_tensor(name).shape[0]))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 class Tables:
     """The normalised tables of one evaluation.
 
     ``log`` maps bank keys to normalised log-tables (plus, under autograd, unbound per-bank
     views ``(key, bank)``); :meth:`linear` gives probabilities. Built from explicit
-    log-tables, or with ``log=None`` from the circuit's caches (valid only when no gradient
-    can reach the parameters)."""
+    log-tables, from the parameters (:class:`ParameterLogTables`: :meth:`linear` then
+    normalises the parameters directly, differentiably), or with ``log=None`` from the
+    circuit's caches (valid only when no gradient can reach the parameters)."""
 
     def __init__(self, circuit, log: Mapping | None):
         self.circuit = circuit
@@ -77,8 +116,11 @@ class Tables:
         if self.cached:
             found = self._cached_linear(key, transposed)
         else:
-            table = self.log[key]
-            linear = torch.exp(table.transpose(1, 2)).contiguous() if transposed else torch.exp(table)
+            if isinstance(self._log, ParameterLogTables):  # straight from the parameters: no log-table pass
+                linear = normalise_linear(self.circuit, key, self.circuit.bank_tensor(key), None)
+            else:
+                linear = torch.exp(self.log[key])
+            linear = linear.transpose(1, 2).contiguous() if transposed else linear
             found = (linear, float(linear.detach().amin()) if linear.numel() else 1.0)
         self._memo[(key, transposed)] = found
         return found

@@ -154,3 +154,22 @@ def test_copies_and_pickles_do_not_carry_the_cache():
     assert (_cached(clone) - before).abs().max() > 1e-2
     torch.testing.assert_close(_cached(circuit), before, rtol=0, atol=0)
     torch.testing.assert_close(_cached(loaded), before, rtol=1e-6, atol=1e-6)
+
+
+def test_differentiable_tables_normalise_each_bank_on_first_use_and_linear_tables_from_the_parameters():
+    """Under autograd an evaluation normalises only the banks it reads, and a linear table
+    comes straight from the parameters (softmax): equal, with equal gradients, to the
+    exponentiated log-table."""
+    circuit = _circuit()
+    tables = circuit.tables()
+    assert not tables.cached and not tables.log._memo  # nothing normalised yet
+    key = next(k for k in circuit.plan.banks if circuit.plan.banks[k].role == "input")
+    linear = tables.linear(key)[0]
+    assert key not in tables.log._memo  # the linear table did not go through the log-table
+    weights = torch.randn(linear.shape, generator=torch.Generator().manual_seed(0))
+    (grad_linear,) = torch.autograd.grad((linear * weights).sum(), circuit.params[key])
+    reference = torch.exp(circuit.log_tables()[key])
+    (grad_reference,) = torch.autograd.grad((reference * weights).sum(), circuit.params[key])
+    torch.testing.assert_close(linear, reference)
+    torch.testing.assert_close(grad_linear, grad_reference)
+    assert set(tables.log) >= set(circuit.plan.banks) and len(tables.log) == len(list(tables.log))
