@@ -309,7 +309,7 @@ class InputLayer(nn.Module):
                 idx = xg.long().clamp(0, k - 1)
                 if bucket["shared"] is not None:
                     # columns of the bank, read in its own layout (so its gradient is too)
-                    value = _bank(table, bucket["shared"]).index_select(1, idx.reshape(-1)).t().reshape(*idx.shape, -1)
+                    value = _bank(table, bucket["shared"]).index_select(1, idx.reshape(-1)).t().reshape(*idx.shape, table.shape[1])
                 else:
                     value = _categorical_rows(table, getattr(self, f"bank_{i}"), idx)
                 if isinstance(evidence, TopKEvidence):
