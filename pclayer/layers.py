@@ -347,7 +347,7 @@ class InputLayer(nn.Module):
             return value, None
         rows = self._bank_rows(i, tables, broadcast=True)
         marginal = representation.topk_evidence(values, indices, rows, runtime)
-        if free is not None and bool((free & self._columns(i, missing)).any()):  # skip a pass over the table when unused
+        if free is not None:  # no host-side test of whether any free variable is missing
             marginal = torch.where(free.unsqueeze(-1), representation.no_evidence(rows, runtime).unsqueeze(0), marginal)
         return value, marginal
 
