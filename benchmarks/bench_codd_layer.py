@@ -12,33 +12,10 @@ top-k error of the normaliser log Z. Then one training step's ``codd_loss`` forw
 next to its dense-product floor (the forward's (B W x V) @ (V x H) product plus the emission
 gradient's (H x B W) @ (B W x V) product, timed in the same run).
 
-Measured on the shared 2-core CPU dev box (float32, 5 calls after a warm-up; other jobs
-loaded the box, so single-thread CPU time is the steady figure), best / median per call:
+The measured table, before and after the current release, is in the README (Performance).
 
-    ======================  =====================  ====================================
-    layer call              before (commit         after (table cache warm,
-                            43c7fa5)               TopKEvidence for top-k)
-    ======================  =====================  ====================================
-    1 thread, CPU time
-    latent, full V           912 / 1085 ms          532 /  583 ms
-    marginal, full V        2225 / 2392 ms          977 / 1110 ms
-    latent, top-64          1012 / 1059 ms          228 /  288 ms
-    marginal, top-64        2220 / 2388 ms          236 /  294 ms
-    peak RSS                3.38 GB                 3.16 GB
-    2 threads, wall time
-    latent, full V           775 / 2287 ms          374 /  389 ms
-    marginal, full V        1684 / 2507 ms          641 /  687 ms
-    latent, top-64          2224 / 2535 ms          122 /  161 ms
-    marginal, top-64        1902 / 1933 ms          142 /  157 ms
-    ======================  =====================  ====================================
-
-Next to: dense (W x V) @ (V x H) product 167-330 ms, exp of the (H x V) table 508-1049 ms
-(same box, varying load). Before, every call re-normalised (log_softmax) the 129.5M-entry
-emission table and top-k evidence went to the circuit densely (-inf outside the top-k, so
-top-k cost as much as the full vocabulary); the full-vocabulary path still exponentiates
-the table once per pass inside the dense product.
-
-Run: ``OMP_NUM_THREADS=2 python benchmarks/bench_codd_layer.py`` (needs ~4 GB RAM).
+Run: ``OMP_NUM_THREADS=2 python benchmarks/bench_codd_layer.py`` (needs about 8 GB of memory with the
+training rows, 4.5 GB without).
 """
 
 from __future__ import annotations
