@@ -51,7 +51,7 @@ class Workspace:
             return None
         numel = math.prod(shape)
         buffer = self.buffers.get(name)
-        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype:
+        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device:
             buffer = like.new_empty(numel)
             self.buffers[name] = buffer
         return buffer[:numel].view(shape)
@@ -124,6 +124,15 @@ class Runtime:
             entry = (key, {})
             self.local.entry = entry
         return Workspace(entry[1], slots)
+
+    def scratch_workspace(self) -> Workspace:
+        """This thread's scratch buffers for temporaries outside the layers (the top-down
+        pass's draw rows), kept apart from the layer workspaces so that calls of other batch
+        sizes do not evict those."""
+        buffers = getattr(self.local, "scratch", None)
+        if buffers is None:
+            buffers = self.local.scratch = {}
+        return Workspace(buffers, None)
 
     def cached_log_tables(self, key: tuple, compute) -> dict[str, torch.Tensor]:
         """The normalised log-tables for raw-tensor stamp ``key`` (``compute()`` when stale)."""

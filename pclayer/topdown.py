@@ -16,7 +16,8 @@ import torch
 
 from pclayer.layers import ActiveNodes, Chooser
 from pclayer.tables import Tables
-from pclayer.traversal import LayerValues, workspace
+from pclayer.runtime import DISABLED
+from pclayer.traversal import LayerValues
 
 
 def top_down(circuit, values: LayerValues, tables: Tables, x: torch.Tensor,
@@ -49,5 +50,6 @@ def top_down(circuit, values: LayerValues, tables: Tables, x: torch.Tensor,
         pending[index] = []
         layers[index].activate(active, values, tables, chooser, pending)
     active = ActiveNodes(pending[0], circuit.layer_widths[0], device)
+    scratch = DISABLED if torch.is_grad_enabled() else circuit.runtime.scratch_workspace()
     return layers[0].emit(active, batch, tables, x, missing, evidence, chooser, normals,
-                          linear=values.scaled is not None and 0 not in values.logged, scratch=workspace(circuit, x))
+                          linear=values.scaled is not None and 0 not in values.logged, scratch=scratch)

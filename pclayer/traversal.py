@@ -91,18 +91,10 @@ def traverse(circuit, representation, x: torch.Tensor, missing: torch.Tensor | N
 
 
 def _workspace(circuit, x: torch.Tensor, keep: bool) -> Workspace:
-    if keep or circuit.plan.buffer_slots is None:
-        return DISABLED
-    return workspace(circuit, x, circuit.plan.buffer_slots)
-
-
-def workspace(circuit, x: torch.Tensor, slots: list[int] | None = None) -> Workspace:
-    """This thread's workspace for a call on the (B, V) inputs ``x`` (layer buffers by
-    ``slots``; None = scratch buffers only); disabled under autograd."""
-    if torch.is_grad_enabled():
+    if keep or torch.is_grad_enabled() or circuit.plan.buffer_slots is None:
         return DISABLED
     key = (x.shape[0], circuit.dtype, x.device, torch.is_inference_mode_enabled())
-    return circuit.runtime.workspace(key, slots)
+    return circuit.runtime.workspace(key, circuit.plan.buffer_slots)
 
 
 def _scaled(circuit, x, missing, evidence, tables: Tables, keep: bool) -> LayerValues:
