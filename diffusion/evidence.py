@@ -38,7 +38,9 @@ class WindowEvidence:
     width: int
 
     def rows(self, index: torch.Tensor) -> WindowEvidence:
-        """The evidence of the rows ``index`` (1-d long)."""
+        """The evidence of the rows ``index`` (1-d long); ``self`` when they are all rows in order."""
+        if index.numel() == self.x.shape[0] and bool((index == torch.arange(len(index), device=index.device)).all()):
+            return self
         soft = self.soft
         if isinstance(soft, pclayer.TopKEvidence):
             soft = pclayer.TopKEvidence(soft.values[index], soft.indices[index], soft.free[index])
@@ -233,10 +235,13 @@ def window_evidence(circuit, logits: torch.Tensor | SparseLogits, x_t: torch.Ten
     x = torch.nn.functional.pad(torch.where(masked_real, torch.zeros_like(x_t), x_t), (0, pad), value=0)
     if isinstance(logits, SparseLogits) or (top_k is not None and top_k < vocab):
         return WindowEvidence(x, masked, missing, _topk_soft(circuit, logits, masked, temperature, top_k), width)
-    soft = torch.zeros(batch, num_vars, vocab, dtype=circuit.dtype, device=circuit.device)
-    if bool(masked_real.any()):
-        logp = tempered_log_probs(logits, temperature, circuit.dtype)
-        soft[:, :width] = torch.where(masked_real.unsqueeze(-1), logp, torch.zeros_like(logp))
+    if not bool(masked_real.any()):
+        soft = torch.zeros(batch, num_vars, vocab, dtype=circuit.dtype, device=circuit.device)
+    else:  # zero off the masked positions (in place when no gradient needs the log-softmax output)
+        logp, unmasked = tempered_log_probs(logits, temperature, circuit.dtype), ~masked_real.unsqueeze(-1)
+        soft = logp.masked_fill(unmasked, 0.0) if logp.requires_grad else logp.masked_fill_(unmasked, 0.0)
+        if num_vars > width:
+            soft = torch.nn.functional.pad(soft, (0, 0, 0, num_vars - width))
     return WindowEvidence(x=x, masked=masked, missing=missing, soft=soft, width=width)
 
 

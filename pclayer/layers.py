@@ -438,7 +438,6 @@ class InputLayer(nn.Module):
         if evidence is not None:
             top = evidence.detach().amax(dim=(1, 2)).unsqueeze(1)  # (B, 1)
             scale = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-            weights = torch.exp(evidence - scale.unsqueeze(2))  # (B, V, K), at most 1
         outs = []
         for i, bucket in enumerate(self.buckets):
             bank = getattr(self, f"bank_{i}")
@@ -446,35 +445,38 @@ class InputLayer(nn.Module):
             idx = self._columns(i, x).long().clamp(0, k - 1)
             linear, _ = tables.linear(bucket["key"])  # (banks, n, K)
             value = _categorical_rows(linear, bank, idx)  # (B, G, n)
-            w = None
-            if evidence is not None:
-                w = self._columns(i, weights)[:, :, :k]  # (B, G, K)
-                value = value * torch.gather(w, 2, idx.unsqueeze(-1))
+            ev = None
+            if evidence is not None:  # exponentiated only where read: exp(w - m_b) <= 1
+                ev = self._columns(i, evidence)[:, :, :k]  # (B, G, K) log-weights
+                value = value * torch.exp(torch.gather(ev, 2, idx.unsqueeze(-1)) - scale.unsqueeze(2))
             if missing is not None:
                 gone = self._columns(i, missing)
-                if w is None:  # a normalised table sums to one; under autograd the sum carries the flows
+                if ev is None:  # a normalised table sums to one; under autograd the sum carries the flows
                     marginal = torch.ones_like(value[:1]) if tables.cached else \
                         self._bank_rows(i, {bucket["key"]: linear}, broadcast=True).sum(-1).unsqueeze(0)
                     value = torch.where(gone.unsqueeze(-1), marginal, value)
                 else:
-                    value = self._with_linear_marginals(i, tables, w, gone, value)
+                    value = self._with_linear_marginals(i, tables, ev, scale, gone, value)
             outs.append(value.flatten(1))
         p = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return checked(p, scale, 0.0)
 
-    def _with_linear_marginals(self, i: int, tables: Tables, w: torch.Tensor, gone: torch.Tensor,
-                               value: torch.Tensor) -> torch.Tensor:
+    def _with_linear_marginals(self, i: int, tables: Tables, ev: torch.Tensor, scale: torch.Tensor,
+                               gone: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """``value`` (B, G, n) with its missing entries ``gone`` (B, G) replaced by
-        ``sum_k w[b, g, k] theta[g, n, k]`` (``w`` (B, G, K) evidence weights); with one
-        shared table only the missing rows go through the matrix product."""
+        ``sum_k w[b, g, k] theta[g, n, k]`` with weights ``w = exp(ev - scale_b)`` (``ev``
+        (B, G, K) log-weights, ``scale`` (B, 1)); with one shared table only the missing rows
+        are exponentiated and go through the matrix product."""
         bucket = self.buckets[i]
-        batch, groups, k = w.shape
+        batch, groups, k = ev.shape
         if bucket["shared"] is None:
             theta = tables.linear(bucket["key"])[0].index_select(0, getattr(self, f"bank_{i}"))  # (G, n, K)
+            w = torch.exp(ev - scale.unsqueeze(2))
             return torch.where(gone.unsqueeze(-1), torch.einsum("bgk,gnk->bgn", w, theta), value)
         theta = _bank(tables.linear(bucket["key"])[0], bucket["shared"]).t()  # (K, n): a transposed view, no copy
         rows = gone.reshape(-1).nonzero().squeeze(1)
-        marginal = w.reshape(batch * groups, k).index_select(0, rows) @ theta  # (R, n)
+        w = torch.exp(ev.reshape(batch * groups, k).index_select(0, rows) - scale.index_select(0, rows // groups))
+        marginal = w @ theta  # (R, n)
         return value.reshape(batch * groups, -1).index_copy(0, rows, marginal).view(batch, groups, -1)
 
     def _tables_are_small(self, tables: Tables, batch: int) -> bool:
