@@ -603,11 +603,10 @@ class InputLayer(nn.Module):
         ``linear``, from the rows of the linear table (a normalised row never vanishes);
         otherwise from log-values (evidence can put every category far below the floor)."""
         key = self.buckets[i]["key"]
-        source = tables.linear(key)[0] if linear and evidence is None else tables.log[key]
-        scores = self._node_rows(i, {key: source}, bank, node, scratch)
-        if source is tables.log[key]:
-            return chooser(scores if evidence is None else scores.add_(evidence))
-        return chooser(scores, linear=True)
+        if linear and evidence is None:  # never touches the log-tables (a cold call need not build them)
+            return chooser(self._node_rows(i, {key: tables.linear(key)[0]}, bank, node, scratch), linear=True)
+        scores = self._node_rows(i, {key: tables.log[key]}, bank, node, scratch)
+        return chooser(scores if evidence is None else scores.add_(evidence))
 
 
 def _emit_topk(x_out: torch.Tensor, b: torch.Tensor, eb: torch.Tensor, var: torch.Tensor, table: torch.Tensor,
