@@ -15,7 +15,7 @@ the layer spec.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -566,15 +566,14 @@ class InputLayer(nn.Module):
                 x_out[b, var] = self._choose_values(i, tables, bank, j, weights, chooser, linear, scratch).to(x_out.dtype)
         return x_out, node
 
-    def node_log_probs(self, node: torch.Tensor, tables: dict, num_cats: int,
-                       categories: torch.Tensor | None = None) -> torch.Tensor:
+    def node_log_probs(self, node: torch.Tensor, tables: Mapping[str, torch.Tensor], num_cats: int,
+                       dtype: torch.dtype, categories: torch.Tensor | None = None) -> torch.Tensor:
         """Log-probabilities under the input node ``node[b, i]`` (B, V) (an index within this
         layer) of every category, (B, V, num_cats) (``-inf`` beyond the variable's categories),
         or of ``categories`` (B, V, k) only; ``-inf`` for continuous variables. ``tables``: the
-        normalised log-tables."""
+        normalised log-tables (only the tabular buckets' are read); ``dtype``: the circuit's."""
         batch, num_vars = node.shape
         width = max(num_cats, 1) if categories is None else categories.shape[-1]
-        dtype = next(t for t in tables.values() if t.is_floating_point()).dtype
         out = torch.full((batch, num_vars, width), -torch.inf, dtype=dtype, device=node.device)
         start = 0
         for i, bucket in enumerate(self.buckets):

@@ -52,7 +52,7 @@ class SampleResult:
                              f"{tuple(getattr(categories, 'shape', ()))}")
         with torch.no_grad():
             return self._circuit.layer_sequence[0].node_log_probs(self.node, self._log_tables, self._circuit.num_cats,
-                                                                  categories)
+                                                                  self._circuit.dtype, categories)
 
 
 class _InverseCDF(Chooser):
