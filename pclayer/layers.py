@@ -106,6 +106,13 @@ def _bank(table: torch.Tensor, bank: int) -> torch.Tensor:
     return table.view(table.shape[1:]) if table.shape[0] == 1 else table[bank]
 
 
+def _evidence_scale(weights: torch.Tensor) -> torch.Tensor:
+    """(B, 1) per-row log-scale ``m_b`` of evidence log-weights (B, V, K): the row's largest
+    weight (0 where it is not finite), so ``exp(weights - m_b) <= 1``."""
+    top = weights.detach().amax(dim=(1, 2)).unsqueeze(1)
+    return torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+
+
 def _register(module: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
     module.register_buffer(name, tensor, persistent=False)
     return getattr(module, name)
@@ -386,8 +393,7 @@ class InputLayer(nn.Module):
             return None
         free = evidence.free
         weights = evidence.values if free is None else evidence.values.masked_fill(free.unsqueeze(-1), 0.0)
-        top = weights.detach().amax(dim=(1, 2)).unsqueeze(1)  # (B, 1)
-        scale = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        scale = _evidence_scale(weights)
         weights = torch.exp(weights - scale.unsqueeze(2))  # (B, V, k), at most 1
         outs = []
         for i, bucket in enumerate(self.buckets):
@@ -434,10 +440,7 @@ class InputLayer(nn.Module):
     def _linear_values(self, tables: Tables, x: torch.Tensor, missing: torch.Tensor | None,
                        evidence: torch.Tensor | None) -> ScaledValue | None:
         """Tabular inputs in linear space (see :meth:`scaled_forward`)."""
-        scale = None
-        if evidence is not None:
-            top = evidence.detach().amax(dim=(1, 2)).unsqueeze(1)  # (B, 1)
-            scale = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        scale = None if evidence is None else _evidence_scale(evidence)
         outs = []
         for i, bucket in enumerate(self.buckets):
             bank = getattr(self, f"bank_{i}")
