@@ -14,7 +14,7 @@ from pclayer.passes import optimize as optimize_plan
 from pclayer.plan import InputLayerSpec, Plan
 from pclayer.representations import SCALED
 from pclayer.runtime import Runtime, stamp
-from pclayer.tables import ParameterLogTables, Tables, normalise_log
+from pclayer.tables import ParameterLogTables, Tables, bank_stamp, normalise_log
 from pclayer.traversal import LayerValues, traverse
 
 
@@ -127,9 +127,7 @@ class TensorCircuit(nn.Module):
     def parameters_updated(self, key: str, probabilities: torch.Tensor) -> None:
         """Tell the runtime that parameter ``key`` was just written in place and that
         ``probabilities`` (its natural layout) is its new normalised table (the M-step does)."""
-        bank = self.plan.banks[key]
-        mask = self.fixed_tensor(bank.mask) if bank.mask else None
-        self.runtime.parameters_updated(key, stamp(self.params[key].detach(), mask), probabilities)
+        self.runtime.parameters_updated(key, bank_stamp(self, key), probabilities)
 
     def tables(self, tables: dict[str, torch.Tensor] | None = None, *, constant_parameters: bool = False) -> Tables:
         """The tables of one evaluation: cached when no gradient can reach the parameters (or

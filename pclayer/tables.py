@@ -17,6 +17,14 @@ import torch
 from pclayer.runtime import stamp
 
 
+def bank_stamp(circuit, key: str) -> tuple:
+    """The version of bank ``key``'s stored tensor (and its fixed mask): what every cached
+    table of the bank is valid for (see :func:`pclayer.runtime.stamp`)."""
+    bank = circuit.plan.banks[key]
+    mask = circuit.fixed_tensor(bank.mask) if bank.mask else None
+    return stamp(circuit.bank_tensor(key).detach(), mask)
+
+
 def normalise_log(circuit, key: str, raw: torch.Tensor) -> torch.Tensor:
     """Normalised log-table of bank ``key`` from its stored tensor ``raw``."""
     bank = circuit.plan.banks[key]
@@ -132,18 +140,14 @@ class Tables:
         needs from the log-tables."""
         if not self.cached:
             return None
-        raw = self.circuit.bank_tensor(key).detach()
-        bank = self.circuit.plan.banks[key]
-        mask = self.circuit.fixed_tensor(bank.mask) if bank.mask else None
-        if (key, transposed) not in self._memo and not self.circuit.runtime.linear_reused(key, transposed, stamp(raw, mask)):
+        if (key, transposed) not in self._memo and not self.circuit.runtime.linear_reused(key, transposed,
+                                                                                        bank_stamp(self.circuit, key)):
             return None
         return self.linear(key, transposed)
 
     def _cached_linear(self, key: str, transposed: bool) -> tuple[torch.Tensor, float]:
         circuit = self.circuit
         raw = circuit.bank_tensor(key).detach()
-        bank = circuit.plan.banks[key]
-        mask = circuit.fixed_tensor(bank.mask) if bank.mask else None
         runtime = circuit.runtime
 
         def compute(buffer: torch.Tensor | None) -> torch.Tensor:  # runs only when the entry is stale
@@ -156,7 +160,7 @@ class Tables:
             natural = normalise_linear(circuit, key, raw, runtime.natural_scratch(natural_shape, raw))
             return buffer.copy_(natural.transpose(1, 2))
 
-        return runtime.cached_linear(key, transposed, stamp(raw, mask), compute)
+        return runtime.cached_linear(key, transposed, bank_stamp(circuit, key), compute)
 
     def bank_weights(self, key: str, bank: int) -> torch.Tensor:
         """(C, N) probabilities of bank ``bank`` of the dense sum table ``key`` (banks, N, C):
