@@ -54,12 +54,17 @@ def _name(stem: str, dtype: torch.dtype) -> str:
     return f"{stem}_{_SUFFIX[dtype]}"
 
 
+def _dense_operands(x: torch.Tensor, logw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Contiguous x (B,G,C) and logw (G|1,N,C) of a dense sum kernel, and its empty (B,G,N) output."""
+    x, logw = x.contiguous(), logw.contiguous()
+    return x, logw, torch.empty(x.shape[0], x.shape[1], logw.shape[1], dtype=x.dtype, device=x.device)
+
+
 def sum_dense_forward(runner: KernelRunner, x: torch.Tensor, logw: torch.Tensor) -> torch.Tensor:
     """``y[b,g,n] = log sum_c exp(logw[g|0,n,c] + x[b,g,c])``: x (B,G,C), logw (G|1,N,C) -> (B,G,N)."""
-    x, logw = x.contiguous(), logw.contiguous()
+    x, logw, y = _dense_operands(x, logw)
     batch, groups, children = x.shape
     nodes = logw.shape[1]
-    y = torch.empty(batch, groups, nodes, dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
     if _blocks(nodes) > _MAX_GRID_Y:
@@ -75,10 +80,9 @@ MAX_PLUS_TILE = 32
 
 def max_plus_forward(runner: KernelRunner, x: torch.Tensor, logw: torch.Tensor) -> torch.Tensor:
     """``y[b,g,n] = max_c logw[g|0,n,c] + x[b,g,c]``: x (B,G,C), logw (G|1,N,C) -> (B,G,N)."""
-    x, logw = x.contiguous(), logw.contiguous()
+    x, logw, y = _dense_operands(x, logw)
     batch, groups, children = x.shape
     nodes = logw.shape[1]
-    y = torch.empty(batch, groups, nodes, dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
     grid = (-(-nodes // MAX_PLUS_TILE), -(-batch // MAX_PLUS_TILE), groups)
