@@ -13,8 +13,8 @@ from pclayer.ops.dispatch import check_backend
 from pclayer.passes import optimize as optimize_plan
 from pclayer.plan import InputLayerSpec, Plan
 from pclayer.representations import SCALED
-from pclayer.runtime import Runtime, stamp
-from pclayer.tables import ParameterLogTables, Tables, bank_stamp, normalise_log
+from pclayer.runtime import Runtime
+from pclayer.tables import CachedLogTables, ParameterLogTables, Tables, bank_stamp, normalise_log
 from pclayer.traversal import LayerValues, traverse
 
 
@@ -110,8 +110,8 @@ class TensorCircuit(nn.Module):
         """
         if not self._tables_cacheable():
             return self._compute_log_tables()
-        key = stamp(*self.params.values(), *self._buffers.values())
-        return dict(self.runtime.cached_log_tables(key, self._compute_log_tables))
+        cached = CachedLogTables(self)
+        return {key: cached.table(key, shared=True) for key in self.plan.banks}
 
     def _tables_cacheable(self) -> bool:
         differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in self.params.values())

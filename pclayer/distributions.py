@@ -140,6 +140,11 @@ class Distribution:
         """(banks, n, K) normalised log-probabilities from the stored bank; differentiable."""
         raise NotImplementedError
 
+    def log_table_into(self, bank: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """:meth:`log_table` written into ``out`` (a buffer of its shape; may be ``bank`` itself
+        when the shapes agree); not differentiable."""
+        return out.copy_(self.log_table(bank))
+
     def linear_table(self, bank: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """(banks, n, K) probabilities from the stored bank, into ``out`` if given."""
         return torch.exp(self.log_table(bank), out=out)
@@ -222,6 +227,9 @@ class Categorical(Distribution):
 
     def log_table(self, bank):
         return torch.log_softmax(bank, dim=-1)
+
+    def log_table_into(self, bank, out):
+        return torch._log_softmax(bank, -1, False, out=out)  # no temporary; elementwise per row, so out may be bank
 
     def linear_table(self, bank, out=None):
         return torch.softmax(bank, dim=-1, out=out)

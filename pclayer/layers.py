@@ -15,7 +15,7 @@ the layer spec.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -398,7 +398,7 @@ class InputLayer(nn.Module):
         outs = []
         for i, bucket in enumerate(self.buckets):
             k, n = bucket["num_cats"], bucket["num_nodes"]
-            linear = transposed[i][0].view(-1, n)  # row bank * K + category
+            linear = transposed[i].view(-1, n)  # row bank * K + category
             first = (getattr(self, f"bank_{i}") * k)[None, :]  # (1, G)
             idx = self._columns(i, x).long().clamp(0, k - 1)
             candidates = self._columns(i, evidence.indices)  # (B, G, k)
@@ -446,7 +446,7 @@ class InputLayer(nn.Module):
             bank = getattr(self, f"bank_{i}")
             k = bucket["num_cats"]
             idx = self._columns(i, x).long().clamp(0, k - 1)
-            linear, _ = tables.linear(bucket["key"])  # (banks, n, K)
+            linear = tables.linear(bucket["key"])  # (banks, n, K)
             value = _categorical_rows(linear, bank, idx)  # (B, G, n)
             ev = None
             if evidence is not None:  # exponentiated only where read: exp(w - m_b) <= 1
@@ -473,10 +473,10 @@ class InputLayer(nn.Module):
         bucket = self.buckets[i]
         batch, groups, k = ev.shape
         if bucket["shared"] is None:
-            theta = tables.linear(bucket["key"])[0].index_select(0, getattr(self, f"bank_{i}"))  # (G, n, K)
+            theta = tables.linear(bucket["key"]).index_select(0, getattr(self, f"bank_{i}"))  # (G, n, K)
             w = torch.exp(ev - scale.unsqueeze(2))
             return torch.where(gone.unsqueeze(-1), torch.einsum("bgk,gnk->bgn", w, theta), value)
-        theta = _bank(tables.linear(bucket["key"])[0], bucket["shared"]).t()  # (K, n): a transposed view, no copy
+        theta = _bank(tables.linear(bucket["key"]), bucket["shared"]).t()  # (K, n): a transposed view, no copy
         rows = gone.reshape(-1).nonzero().squeeze(1)
         w = torch.exp(ev.reshape(batch * groups, k).index_select(0, rows) - scale.index_select(0, rows // groups))
         marginal = w @ theta  # (R, n)
@@ -495,9 +495,8 @@ class InputLayer(nn.Module):
         for i, bucket in enumerate(self.buckets):
             var, bank = getattr(self, f"var_{i}"), getattr(self, f"bank_{i}")
             k, n = bucket["num_cats"], bucket["num_nodes"]
-            linear, table_low = tables.linear(bucket["key"], transposed=True)  # (banks, K, n)
-            linear = linear.view(-1, n)
-            low = min(low, table_low)
+            linear = tables.linear(bucket["key"], transposed=True).view(-1, n)  # (banks, K, n) as rows
+            low = min(low, tables.smallest(bucket["key"], transposed=True))
             idx = x.index_select(1, var).long().clamp(0, k - 1)
             rows = (bank * k)[None, :] + idx
             out = workspace.take(0, (rows.numel(), n), linear) if len(self.buckets) == 1 else None
@@ -557,8 +556,7 @@ class InputLayer(nn.Module):
                 value = distribution.draw(log[bucket["key"]][bank], j, None if normals is None else normals(len(j)))
                 x_out[b, var] = value.to(x_out.dtype)
             elif isinstance(evidence, TopKEvidence):
-                table, row = self._table_rows(i, log, bank, j)
-                _emit_topk(x_out, b, _value_rows(b, rows), var, table, row, evidence, chooser)
+                _emit_topk(x_out, b, _value_rows(b, rows), var, tables, bucket["key"], bank * n + j, evidence, chooser)
             elif len(b):
                 weights = None
                 if evidence is not None:
@@ -569,12 +567,12 @@ class InputLayer(nn.Module):
                 x_out[b, var] = self._choose_values(i, tables, bank, j, weights, chooser, linear, scratch).to(x_out.dtype)
         return x_out, node
 
-    def node_log_probs(self, node: torch.Tensor, tables: Mapping[str, torch.Tensor], num_cats: int,
+    def node_log_probs(self, node: torch.Tensor, tables: Tables, num_cats: int,
                        dtype: torch.dtype, categories: torch.Tensor | None = None) -> torch.Tensor:
         """Log-probabilities under the input node ``node[b, i]`` (B, V) (an index within this
         layer) of every category, (B, V, num_cats) (``-inf`` beyond the variable's categories),
         or of ``categories`` (B, V, k) only; ``-inf`` for continuous variables. ``tables``: the
-        normalised log-tables (only the tabular buckets' are read); ``dtype``: the circuit's."""
+        evaluation's tables (only the tabular buckets' rows are read); ``dtype``: the circuit's."""
         batch, num_vars = node.shape
         width = max(num_cats, 1) if categories is None else categories.shape[-1]
         out = torch.full((batch, num_vars, width), -torch.inf, dtype=dtype, device=node.device)
@@ -588,14 +586,14 @@ class InputLayer(nn.Module):
                 continue
             b, var = ((local >= 0) & (local < size)).nonzero(as_tuple=True)
             flat = local[b, var]
-            table, row = self._table_rows(i, tables, getattr(self, f"bank_{i}")[flat // n], flat % n)
+            row, key = getattr(self, f"bank_{i}")[flat // n] * n + flat % n, bucket["key"]
             if categories is None:
-                out[b, var, :k] = table.index_select(0, row)
+                out[b, var, :k] = tables.log_rows(key, row)
             else:
                 wanted = categories[b, var]  # (A, k)
-                entries = (row * k).unsqueeze(1) + wanted.clamp(0, k - 1)
                 inside = (wanted >= 0) & (wanted < k)
-                out[b, var] = torch.where(inside, table.reshape(-1)[entries], torch.full_like(entries, -torch.inf, dtype=dtype))
+                out[b, var] = torch.where(inside, tables.log_entries(key, row, wanted.clamp(0, k - 1)),
+                                          torch.full_like(wanted, -torch.inf, dtype=dtype))
         return out
 
     def _choose_values(self, i: int, tables: Tables, bank: torch.Tensor, node: torch.Tensor,
@@ -606,15 +604,18 @@ class InputLayer(nn.Module):
         otherwise from log-values (evidence can put every category far below the floor)."""
         key = self.buckets[i]["key"]
         if linear and evidence is None:  # never touches the log-tables (a cold call need not build them)
-            return chooser(self._node_rows(i, {key: tables.linear(key)[0]}, bank, node, scratch), linear=True)
-        scores = self._node_rows(i, {key: tables.log[key]}, bank, node, scratch)
+            return chooser(self._node_rows(i, {key: tables.linear(key)}, bank, node, scratch), linear=True)
+        like = tables.circuit.bank_tensor(key)
+        rows = scratch.scratch("draw-rows", (len(node), self.buckets[i]["num_cats"]), like)
+        scores = tables.log_rows(key, bank * self.buckets[i]["num_nodes"] + node, out=rows)
         return chooser(scores if evidence is None else scores.add_(evidence))
 
 
-def _emit_topk(x_out: torch.Tensor, b: torch.Tensor, eb: torch.Tensor, var: torch.Tensor, table: torch.Tensor,
+def _emit_topk(x_out: torch.Tensor, b: torch.Tensor, eb: torch.Tensor, var: torch.Tensor, tables: Tables, key: str,
                row: torch.Tensor, evidence: TopKEvidence, chooser: Chooser) -> None:
     """Draw the values of active tabular inputs ``(b, var)`` (A,), whose log-probabilities are
-    the rows ``row`` (A,) of ``table`` (R, K), under top-k evidence (its rows ``eb`` (A,)) into
+    the rows ``row`` (A,) of input bank ``key``'s flattened log-table (see
+    :meth:`Tables.log_rows`), under top-k evidence (its rows ``eb`` (A,)) into
     ``x_out``: among the k candidates (sorted by category, so inverse-CDF draws match the dense
     evidence's; only their k entries of the table are read), or among all categories where
     the variable is ``free``."""
@@ -626,11 +627,10 @@ def _emit_topk(x_out: torch.Tensor, b: torch.Tensor, eb: torch.Tensor, var: torc
         u = None if uniforms is None else uniforms[rows]
         if sparse:
             candidates = evidence.indices[eb[rows], var[rows]]  # (R, k)
-            entries = (row[rows] * table.shape[1]).unsqueeze(1) + candidates
-            logits = table.reshape(-1)[entries] + evidence.values[eb[rows], var[rows]]
+            logits = tables.log_entries(key, row[rows], candidates) + evidence.values[eb[rows], var[rows]]
             chosen = candidates.gather(1, chooser.pick(logits, u).unsqueeze(1)).squeeze(1)
         else:
-            chosen = chooser.pick(table.index_select(0, row[rows]), u)
+            chosen = chooser.pick(tables.log_rows(key, row[rows]), u)
         x_out[b[rows], var[rows]] = chosen.to(x_out.dtype)
 
 
@@ -885,7 +885,7 @@ class SumLayer(_Reader):
             return w[0] if spec["shared"] is not None else w
         if spec["shared"] is not None:
             return tables.bank_weights(spec["key"], spec["shared"])
-        linear, _ = tables.linear(spec["key"])
+        linear = tables.linear(spec["key"])
         return self.dense_logw(i, {spec["key"]: linear}, True).transpose(1, 2)
 
     def scaled_forward(self, outputs: ScaledOutputs, tables: Tables, workspace: Workspace, slot: int) -> ScaledValue | None:
@@ -898,7 +898,7 @@ class SumLayer(_Reader):
         else:
             outs = [SCALED.sum_dense(self.dense_inputs(i, z), self.dense_weights(i, tables)) for i in range(len(self.dense))]
             for i, spec in enumerate(self.sparse):
-                outs.append(SCALED.sum_padded(self._sparse_inputs(i, z, 0.0) * tables.linear(spec["key"])[0]))
+                outs.append(SCALED.sum_padded(self._sparse_inputs(i, z, 0.0) * tables.linear(spec["key"])))
             s, owned = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1), False
         # every sum is a convex combination of its children (normalised weights), so it is at
         # least their smallest entry; the slack covers rounding of the weights and the product
@@ -938,7 +938,7 @@ class SumLayer(_Reader):
         linear = values.scaled is not None and not any(layer in values.logged for layer in self.source_layers)
         if linear:
             z = self.gather_scaled(values.scaled)[0]
-            weights, pad = {spec["key"]: tables.linear(spec["key"])[0] for spec in self.dense + self.sparse}, 0.0
+            weights, pad = {spec["key"]: tables.linear(spec["key"]) for spec in self.dense + self.sparse}, 0.0
         else:
             z, weights, pad = self.gather(values), tables.log, -torch.inf
         combine = torch.mul if linear else torch.add

@@ -92,9 +92,9 @@ class Runtime:
         self.backend = backend
         self.last_backend: str | None = None
         self.lock = threading.Lock()
-        self.log_entry: tuple[tuple, dict[str, torch.Tensor]] | None = None
-        self.linear_entries: dict[tuple[str, bool], tuple[tuple, torch.Tensor, float]] = {}
-        self.linear_requests: dict[tuple[str, bool], tuple] = {}
+        self.log_entries: dict[str, list] = {}  # [version, table, handed out]
+        self.linear_entries: dict[tuple[str, bool], list] = {}  # [version, table, smallest entry or None]
+        self.requests: dict[tuple, tuple] = {}
         self.scratch: torch.Tensor | None = None
         self.bank_views: dict[str, tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = {}
         self.local = threading.local()
@@ -109,9 +109,9 @@ class Runtime:
     def clear(self) -> None:
         """Drop every cached table and workspace (rebuilt on use)."""
         with self.lock:
-            self.log_entry = None
+            self.log_entries.clear()
             self.linear_entries.clear()
-            self.linear_requests.clear()
+            self.requests.clear()
             self.bank_views.clear()
             self.scratch = None
         self.local = threading.local()
@@ -134,39 +134,64 @@ class Runtime:
             buffers = self.local.scratch = {}
         return Workspace(buffers, None)
 
-    def cached_log_tables(self, key: tuple, compute) -> dict[str, torch.Tensor]:
-        """The normalised log-tables for raw-tensor stamp ``key`` (``compute()`` when stale)."""
-        entry = self.log_entry
-        if entry is None or entry[0] != key:
-            with torch.no_grad():
-                entry = (key, compute())
-            self.log_entry = entry
+    def cached_log(self, key: str, version: tuple, compute, shared: bool) -> torch.Tensor:
+        """The normalised log-table of bank ``key`` for raw-tensor stamp ``version``:
+        ``compute(buffer)`` writes it when stale, into the previous entry's buffer unless that
+        was handed out (``shared``, see :meth:`pclayer.tables.CachedLogTables.table`)."""
+        entry = self.log_entries.get(key)
+        if entry is None or entry[0] != version:
+            with self.lock:
+                entry = self.log_entries.get(key)
+                if entry is None or entry[0] != version:
+                    buffer = entry[1] if entry is not None and not entry[2] else None
+                    with torch.no_grad():
+                        entry = [version, compute(buffer), shared]
+                    self.log_entries[key] = entry
+        entry[2] = entry[2] or shared
         return entry[1]
 
-    def cached_linear(self, key: str, transposed: bool, version: tuple, compute) -> tuple[torch.Tensor, float]:
+    def valid_log(self, key: str, version: tuple) -> torch.Tensor | None:
+        """The cached log-table of bank ``key`` if it is valid for ``version``, else None."""
+        entry = self.log_entries.get(key)
+        return entry[1] if entry is not None and entry[0] == version else None
+
+    def cached_linear(self, key: str, transposed: bool, version: tuple, compute) -> torch.Tensor:
         """The linear table ``key`` for raw-tensor stamp ``version``: ``compute(buffer)``
         writes it (into the previous entry's buffer when it fits) when stale."""
         entry = self.linear_entries.get((key, transposed))
         if entry is not None and entry[0] == version:
-            return entry[1], entry[2]
+            return entry[1]
         with self.lock:
             entry = self.linear_entries.get((key, transposed))
             if entry is None or entry[0] != version:
-                table = compute(entry[1] if entry is not None else None)
-                entry = (version, table, float(table.amin()) if table.numel() else 1.0)
+                entry = [version, compute(entry[1] if entry is not None else None), None]
                 self.linear_entries[(key, transposed)] = entry
-        return entry[1], entry[2]
+        return entry[1]
 
-    def linear_reused(self, key: str, transposed: bool, version: tuple) -> bool:
-        """Whether the linear table ``key`` of raw-tensor stamp ``version`` is cached, or was
-        asked for before at this version (so it is worth building: a table much bigger than
-        what one call reads pays off only when calls reuse it). Records this request."""
-        entry = self.linear_entries.get((key, transposed))
-        if entry is not None and entry[0] == version:
+    def smallest_linear(self, key: str, transposed: bool, version: tuple) -> float:
+        """The smallest entry of the cached linear table ``key`` (valid for ``version``),
+        measured on first request (most evaluations never need it)."""
+        entry = self.linear_entries[(key, transposed)]
+        if entry[0] != version:
+            raise RuntimeError(f"the linear table {key!r} is stale; read it with cached_linear first")
+        if entry[2] is None:
+            entry[2] = float(entry[1].amin()) if entry[1].numel() else 1.0
+        return entry[2]
+
+    def reused(self, entry: tuple, version: tuple) -> bool:
+        """Whether the table ``entry`` (``("linear", key, transposed)`` or ``("log", key)``) of
+        raw-tensor stamp ``version`` is cached, or was asked for before at this version (so it
+        is worth building: a table much bigger than what one call reads pays off only when
+        calls reuse it). Records this request."""
+        if entry[0] == "linear":
+            cached = self.linear_entries.get(entry[1:])
+            if cached is not None and cached[0] == version:
+                return True
+        elif self.valid_log(entry[1], version) is not None:
             return True
         with self.lock:
-            asked = self.linear_requests.get((key, transposed)) == version
-            self.linear_requests[(key, transposed)] = version
+            asked = self.requests.get(entry) == version
+            self.requests[entry] = version
         return asked
 
     def parameters_updated(self, key: str, version: tuple, probabilities: torch.Tensor) -> None:
@@ -183,7 +208,7 @@ class Runtime:
                     del self.linear_entries[(key, transposed)]
                     continue
                 buffer.copy_(source)
-                self.linear_entries[(key, transposed)] = (version, buffer, float(buffer.amin()) if buffer.numel() else 1.0)
+                self.linear_entries[(key, transposed)] = [version, buffer, None]
 
     def transposed_banks(self, key: str, table: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Per bank of the linear sum table ``table`` (banks, N, C) its (C, N) transposed view;

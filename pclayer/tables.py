@@ -25,15 +25,19 @@ def bank_stamp(circuit, key: str) -> tuple:
     return stamp(circuit.bank_tensor(key).detach(), mask)
 
 
-def normalise_log(circuit, key: str, raw: torch.Tensor) -> torch.Tensor:
-    """Normalised log-table of bank ``key`` from its stored tensor ``raw``."""
+def normalise_log(circuit, key: str, raw: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalised log-table of bank ``key`` from its stored tensor ``raw`` (into ``out``, a
+    buffer of the table's shape, when given: then not differentiable; continuous banks are
+    their stored tensor and ignore it)."""
     bank = circuit.plan.banks[key]
-    if bank.role == "dense_sum":
-        return torch.log_softmax(raw, dim=-1)
-    if bank.role == "sparse_sum":
-        return torch.log_softmax(raw.masked_fill(~circuit.fixed_tensor(bank.mask), -torch.inf), dim=-1)
+    if bank.role in ("dense_sum", "sparse_sum"):
+        if bank.role == "sparse_sum":
+            raw = raw.masked_fill(~circuit.fixed_tensor(bank.mask), -torch.inf)
+        return torch.log_softmax(raw, dim=-1) if out is None else torch._log_softmax(raw, -1, False, out=out)
     distribution = circuit.bank_distribution(key)
-    return distribution.log_table(raw) if distribution.tabular else raw
+    if not distribution.tabular:
+        return raw
+    return distribution.log_table(raw) if out is None else distribution.log_table_into(raw, out)
 
 
 def table_shape(circuit, key: str, raw: torch.Tensor) -> tuple[int, ...]:
@@ -92,32 +96,70 @@ class ParameterLogTables(Mapping):
         return sum(1 for _ in self)
 
 
+class CachedLogTables(Mapping):
+    """The circuit's normalised log-tables from its runtime's cache: each bank is normalised
+    (without autograd) on first access at its current parameter version, so an evaluation
+    pays only for the banks it reads in log space."""
+
+    def __init__(self, circuit):
+        self.circuit = circuit
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.table(key, shared=False)
+
+    def table(self, key: str, shared: bool) -> torch.Tensor:
+        """The cached log-table of bank ``key``. ``shared``: it is handed to the caller beyond
+        one evaluation (:meth:`TensorCircuit.log_tables`), so a later version is never
+        written into its memory; otherwise the next version reuses the buffer."""
+        circuit = self.circuit
+        if key not in circuit.plan.banks:
+            raise KeyError(key)
+        raw = circuit.bank_tensor(key).detach()
+
+        def compute(buffer: torch.Tensor | None) -> torch.Tensor:
+            if circuit.plan.banks[key].role == "input" and not circuit.bank_distribution(key).tabular:
+                return raw  # continuous banks are used as stored
+            shape = table_shape(circuit, key, raw)
+            if buffer is None or tuple(buffer.shape) != shape or buffer.dtype != raw.dtype or buffer.device != raw.device:
+                buffer = raw.new_empty(shape)
+            return normalise_log(circuit, key, raw, buffer)
+
+        return circuit.runtime.cached_log(key, bank_stamp(circuit, key), compute, shared)
+
+    def __iter__(self):
+        return iter(self.circuit.plan.banks)
+
+    def __len__(self) -> int:
+        return len(self.circuit.plan.banks)
+
+
 class Tables:
     """The normalised tables of one evaluation.
 
     ``log`` maps bank keys to normalised log-tables (plus, under autograd, unbound per-bank
-    views ``(key, bank)``); :meth:`linear` gives probabilities. Built from explicit
-    log-tables, from the parameters (:class:`ParameterLogTables`: :meth:`linear` then
-    normalises the parameters directly, differentiably), or with ``log=None`` from the
-    circuit's caches (valid only when no gradient can reach the parameters)."""
+    views ``(key, bank)``); :meth:`linear` gives probabilities; :meth:`log_rows` and
+    :meth:`log_entries` read rows or entries of a tabular input's log-table without building
+    the whole table unless it is at hand. Built from explicit log-tables, from the parameters
+    (:class:`ParameterLogTables`: :meth:`linear` then normalises the parameters directly,
+    differentiably), or with ``log=None`` from the circuit's caches (valid only when no
+    gradient can reach the parameters)."""
 
     def __init__(self, circuit, log: Mapping | None):
         self.circuit = circuit
         self.cached = log is None
-        self._log = log
-        self._memo: dict[tuple[str, bool], tuple[torch.Tensor, float]] = {}
+        self._log = CachedLogTables(circuit) if log is None else log
+        self._memo: dict[tuple[str, bool], torch.Tensor] = {}
+        self._smallest: dict[tuple[str, bool], float] = {}
+        self._whole_log: dict[str, torch.Tensor | None] = {}
 
     @property
     def log(self) -> Mapping:
-        if self._log is None:
-            with torch.no_grad():  # cached tables are constants (the runtime's cache serves them)
-                self._log = self.circuit.log_tables()
         return self._log
 
-    def linear(self, key: str, transposed: bool = False) -> tuple[torch.Tensor, float]:
-        """Probabilities of bank ``key`` and their smallest entry (a float). ``transposed``: a
-        3-d table (banks, R, C) comes as the contiguous (banks, C, R), so that one (bank,
-        category) of a categorical table is one contiguous row."""
+    def linear(self, key: str, transposed: bool = False) -> torch.Tensor:
+        """Probabilities of bank ``key``. ``transposed``: a 3-d table (banks, R, C) comes as the
+        contiguous (banks, C, R), so that one (bank, category) of a categorical table is one
+        contiguous row."""
         found = self._memo.get((key, transposed))
         if found is not None:
             return found
@@ -125,27 +167,84 @@ class Tables:
             found = self._cached_linear(key, transposed)
         else:
             if isinstance(self._log, ParameterLogTables):  # straight from the parameters: no log-table pass
-                linear = normalise_linear(self.circuit, key, self.circuit.bank_tensor(key), None)
+                found = normalise_linear(self.circuit, key, self.circuit.bank_tensor(key), None)
             else:
-                linear = torch.exp(self.log[key])
-            linear = linear.transpose(1, 2).contiguous() if transposed else linear
-            found = (linear, float(linear.detach().amin()) if linear.numel() else 1.0)
+                found = torch.exp(self.log[key])
+            found = found.transpose(1, 2).contiguous() if transposed else found
         self._memo[(key, transposed)] = found
         return found
 
-    def linear_if_reused(self, key: str, transposed: bool = False) -> tuple[torch.Tensor, float] | None:
+    def smallest(self, key: str, transposed: bool = False) -> float:
+        """The smallest entry of :meth:`linear` (measured once per parameter version)."""
+        found = self._smallest.get((key, transposed))
+        if found is None:
+            table = self.linear(key, transposed)
+            if self.cached:
+                found = self.circuit.runtime.smallest_linear(key, transposed, bank_stamp(self.circuit, key))
+            else:
+                found = float(table.detach().amin()) if table.numel() else 1.0
+            self._smallest[(key, transposed)] = found
+        return found
+
+    def linear_if_reused(self, key: str, transposed: bool = False) -> torch.Tensor | None:
         """:meth:`linear` when the table is cached, or was asked for at the same parameter
-        version by an earlier evaluation (see :meth:`pclayer.runtime.Runtime.linear_reused`);
-        None otherwise (and for explicit tables): the caller then reads only the entries it
-        needs from the log-tables."""
+        version by an earlier evaluation (see :meth:`pclayer.runtime.Runtime.reused`); None
+        otherwise (and for explicit tables): the caller then reads only the entries it needs
+        from the log-tables."""
         if not self.cached:
             return None
-        if (key, transposed) not in self._memo and not self.circuit.runtime.linear_reused(key, transposed,
-                                                                                        bank_stamp(self.circuit, key)):
+        if (key, transposed) not in self._memo and not self.circuit.runtime.reused(("linear", key, transposed),
+                                                                                   bank_stamp(self.circuit, key)):
             return None
         return self.linear(key, transposed)
 
-    def _cached_linear(self, key: str, transposed: bool) -> tuple[torch.Tensor, float]:
+    def log_rows(self, key: str, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(A, K) log-probabilities of rows ``rows`` (A,) of the log-table of tabular input
+        bank ``key`` flattened to (banks * n, K), into ``out`` when given. Read from the whole
+        table when it is at hand (see :meth:`_whole_log_table`); otherwise only these rows are
+        normalised (every tabular distribution normalises each node's row on its own), which
+        a cold call after an optimizer step needs instead of a pass over the whole table."""
+        table = self._whole_log_table(key)
+        if table is not None:
+            flat = table.reshape(-1, table.shape[-1])
+            return flat.index_select(0, rows) if out is None else torch.index_select(flat, 0, rows, out=out)
+        raw = self.circuit.bank_tensor(key)
+        raw = raw.detach() if self.cached else raw
+        flat = raw.reshape(-1, *raw.shape[2:])
+        distribution = self.circuit.bank_distribution(key)
+        if out is None or raw.requires_grad:
+            return distribution.log_table(flat.index_select(0, rows).unsqueeze(0))[0]
+        if flat.shape[1:] == out.shape[1:]:  # rows stored as wide as the table: normalised in place in ``out``
+            picked = torch.index_select(flat, 0, rows, out=out).unsqueeze(0)
+        else:
+            picked = flat.index_select(0, rows).unsqueeze(0)
+        return distribution.log_table_into(picked, out.unsqueeze(0))[0]
+
+    def log_entries(self, key: str, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """(A, k) log-probabilities at ``columns`` (A, k), each in ``[0, K)``, of rows ``rows``
+        (A,) of tabular input bank ``key``'s log-table (see :meth:`log_rows`)."""
+        table = self._whole_log_table(key)
+        if table is not None:
+            return table.reshape(-1)[rows.unsqueeze(1) * table.shape[-1] + columns]
+        return self.log_rows(key, rows).gather(1, columns)
+
+    def _whole_log_table(self, key: str) -> torch.Tensor | None:
+        """The whole log-table of bank ``key`` when this evaluation may read it: explicit
+        tables, a table already normalised by this evaluation, or a cached table that is valid
+        or worth building because an earlier evaluation asked for it at the same parameter
+        version (decided once per evaluation). None: normalise only the rows read."""
+        if key in self._whole_log:
+            return self._whole_log[key]
+        if self.cached:
+            found = self.log[key] if self.circuit.runtime.reused(("log", key), bank_stamp(self.circuit, key)) else None
+        elif isinstance(self._log, ParameterLogTables):
+            found = self._log._memo.get(key)
+        else:
+            found = self._log[key]
+        self._whole_log[key] = found
+        return found
+
+    def _cached_linear(self, key: str, transposed: bool) -> torch.Tensor:
         circuit = self.circuit
         raw = circuit.bank_tensor(key).detach()
         runtime = circuit.runtime
@@ -165,4 +264,4 @@ class Tables:
     def bank_weights(self, key: str, bank: int) -> torch.Tensor:
         """(C, N) probabilities of bank ``bank`` of the dense sum table ``key`` (banks, N, C):
         a transposed view for ``x @ w`` (from the caches only)."""
-        return self.circuit.runtime.transposed_banks(key, self.linear(key)[0])[bank]
+        return self.circuit.runtime.transposed_banks(key, self.linear(key))[bank]

@@ -141,14 +141,14 @@ def test_copies_and_pickles_do_not_carry_the_cache():
     before = _cached(circuit)
     with torch.no_grad():
         circuit.log_tables()
-    assert circuit.runtime.log_entry is not None and circuit.runtime.linear_entries
+    assert circuit.runtime.log_entries and circuit.runtime.linear_entries
     clone = copy.deepcopy(circuit)
-    assert clone.runtime.log_entry is None and not clone.runtime.linear_entries
+    assert clone.runtime.log_entries == {} and not clone.runtime.linear_entries
     buffer = io.BytesIO()
     torch.save(circuit, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
-    assert loaded.runtime.log_entry is None and not loaded.runtime.linear_entries
+    assert loaded.runtime.log_entries == {} and not loaded.runtime.linear_entries
     with torch.no_grad():
         next(iter(clone.params.values())).mul_(2.0)
     assert (_cached(clone) - before).abs().max() > 1e-2
@@ -164,7 +164,7 @@ def test_differentiable_tables_normalise_each_bank_on_first_use_and_linear_table
     tables = circuit.tables()
     assert not tables.cached and not tables.log._memo  # nothing normalised yet
     key = next(k for k in circuit.plan.banks if circuit.plan.banks[k].role == "input")
-    linear = tables.linear(key)[0]
+    linear = tables.linear(key)
     assert key not in tables.log._memo  # the linear table did not go through the log-table
     weights = torch.randn(linear.shape, generator=torch.Generator().manual_seed(0))
     (grad_linear,) = torch.autograd.grad((linear * weights).sum(), circuit.params[key])
@@ -173,3 +173,64 @@ def test_differentiable_tables_normalise_each_bank_on_first_use_and_linear_table
     torch.testing.assert_close(linear, reference)
     torch.testing.assert_close(grad_linear, grad_reference)
     assert set(tables.log) >= set(circuit.plan.banks) and len(tables.log) == len(list(tables.log))
+
+
+def _emission(circuit: pc.TensorCircuit) -> str:
+    return next(k for k, bank in circuit.plan.banks.items() if bank.role == "input")
+
+
+def test_a_cold_sample_normalises_only_the_rows_it_reads_and_a_reused_version_the_whole_table():
+    """After a parameter update, a sample under soft evidence reads the emission log-table
+    rows of its chosen nodes only (the whole table is built once a second call asks for the
+    same version); draws and node log-probabilities equal those read from the whole table."""
+    circuit = pc.compile(pc.structures.hmm(6, 4, 50, seed=0), dtype=torch.float64)
+    key = _emission(circuit)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 50, (5, 6), generator=generator)
+    missing = torch.rand(5, 6, generator=generator) < 0.5
+    soft = torch.randn(5, 6, 50, generator=generator)
+    candidates = torch.randint(0, 50, (5, 6, 3), generator=generator)
+    with torch.no_grad():
+        circuit.params[key].mul_(1.3)  # an optimizer step: every cached table is stale
+        cold = circuit.sample(x=x, missing=missing, soft_evidence=soft, generator=torch.Generator().manual_seed(1),
+                              return_nodes=True)
+        cold_log_probs, cold_at = cold.node_log_probs, cold.node_log_probs_at(candidates)
+        assert key not in circuit.runtime.log_entries  # only rows were normalised
+        warm = circuit.sample(x=x, missing=missing, soft_evidence=soft, generator=torch.Generator().manual_seed(1),
+                              return_nodes=True)
+        assert key in circuit.runtime.log_entries  # the second call at this version built the table
+        table = torch.log_softmax(circuit.params[key], dim=-1).reshape(-1, 50)
+    assert torch.equal(cold.x, warm.x) and torch.equal(cold.node, warm.node)
+    expected = table[cold.node % 4]  # homogeneous HMM: every position reads the one (4, 50) table
+    torch.testing.assert_close(cold_log_probs, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(warm.node_log_probs, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(cold_at, expected.gather(2, candidates), rtol=0, atol=1e-12)
+
+
+def test_node_log_probs_refuse_parameters_changed_since_the_draw():
+    circuit = pc.compile(pc.structures.hmm(4, 3, 5, seed=0), dtype=torch.float64)
+    with torch.no_grad():
+        result = circuit.sample(3, return_nodes=True)
+        circuit.params[_emission(circuit)].add_(0.5)
+    with pytest.raises(RuntimeError, match="node_log_probs: the circuit's input parameters changed"):
+        result.node_log_probs
+
+
+def test_handed_out_log_tables_keep_their_values_and_internal_tables_reuse_their_buffers():
+    """A table returned by ``log_tables`` is never overwritten by a later version; a table
+    only an evaluation read is recomputed into the same memory."""
+    circuit = pc.compile(pc.structures.hmm(4, 3, 6, seed=0), dtype=torch.float64)
+    key = _emission(circuit)
+    x = torch.zeros(2, 4, dtype=torch.long)
+    with torch.no_grad():
+        handed = circuit.log_tables()[key]
+        kept = handed.clone()
+        circuit.params[key].add_(0.25)
+        internal = circuit.tables().log[key]
+        assert internal.data_ptr() != handed.data_ptr()
+        circuit.params[key].add_(0.25)
+        again = circuit.tables().log[key]
+        circuit.log_prob(x)
+    assert torch.equal(handed, kept)
+    assert again.data_ptr() == internal.data_ptr()
+    torch.testing.assert_close(again, torch.log_softmax(circuit.params[key], dim=-1), rtol=0, atol=0)

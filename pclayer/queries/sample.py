@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 
 from pclayer.layers import Chooser
 from pclayer.ops import dispatch
 from pclayer.queries.evidence import prepare, require_positive
 from pclayer.representations import SCALED
+from pclayer.tables import Tables, bank_stamp
 from pclayer.topdown import top_down
 from pclayer.topk import TopKEvidence
 
@@ -23,9 +22,10 @@ class SampleResult:
             each variable.
     """
 
-    def __init__(self, circuit, x: torch.Tensor, node: torch.Tensor, log_tables: Mapping[str, torch.Tensor]):
+    def __init__(self, circuit, x: torch.Tensor, node: torch.Tensor, tables: Tables):
         self.x, self.node = x, node
-        self._circuit, self._log_tables = circuit, log_tables
+        self._circuit, self._tables = circuit, tables
+        self._versions = _input_versions(circuit)
         self._full: torch.Tensor | None = None
 
     def __iter__(self):
@@ -50,9 +50,18 @@ class SampleResult:
             raise ValueError(f"categories: expected an int64 tensor of shape ({self.node.shape[0]}, "
                              f"{self.node.shape[1]}, k), got {getattr(categories, 'dtype', type(categories).__name__)} "
                              f"{tuple(getattr(categories, 'shape', ()))}")
+        if _input_versions(self._circuit) != self._versions:
+            raise RuntimeError("node_log_probs: the circuit's input parameters changed since these samples were drawn; "
+                               "read the node log-probabilities before updating the parameters")
         with torch.no_grad():
-            return self._circuit.layer_sequence[0].node_log_probs(self.node, self._log_tables, self._circuit.num_cats,
+            return self._circuit.layer_sequence[0].node_log_probs(self.node, self._tables, self._circuit.num_cats,
                                                                   self._circuit.dtype, categories)
+
+
+def _input_versions(circuit) -> list[tuple]:
+    """The versions of the stored input banks (what the node log-probabilities are read from;
+    whether inference mode is on does not matter)."""
+    return [bank_stamp(circuit, key)[:-1] for key, bank in circuit.plan.banks.items() if bank.role == "input"]
 
 
 class _InverseCDF(Chooser):
@@ -152,5 +161,5 @@ def sample(circuit, num_samples: int | None = None, *, x: torch.Tensor | None = 
     x_out, node = top_down(circuit, values, tables, ev.x, ev.missing, ev.soft_evidence, chooser, normals, draws=draws)
     x_out = torch.where(missing, x_out.to(x.dtype), x) if missing is not None else x.expand(draws, -1).clone()
     if return_nodes:
-        return SampleResult(circuit, x_out, node, tables.log)
+        return SampleResult(circuit, x_out, node, tables)
     return x_out
