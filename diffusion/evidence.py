@@ -191,21 +191,26 @@ def tempered_top_k(logits: torch.Tensor | SparseLogits, temperature: float, top_
         values, indices = logits.topk(top_k, dim=-1)
         values = values.to(dtype) / temperature
     out = torch.log_softmax(values, dim=-1)
-    if torch.isnan(out).any():
+    if torch.isnan(out.amax(-1)).any():  # a row of -inf logits gives a row of NaN
         raise ValueError("logits: a position has every kept logit equal to -inf")
     return out, indices
 
 
-def tempered_log_probs(logits: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
-    """``log_softmax(logits / tau)`` in ``dtype`` over the full vocabulary."""
-    out = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
-    if torch.isnan(out).any():
+def tempered_log_probs(logits: torch.Tensor, temperature: float, dtype: torch.dtype,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """``log_softmax(logits / tau)`` in ``dtype`` over the full vocabulary (into ``out``, a
+    buffer of ``logits``' shape and ``dtype``, when given: then not differentiable)."""
+    if out is None:
+        out = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
+    else:
+        torch._log_softmax(out.copy_(logits).div_(temperature), -1, False, out=out)  # in place: elementwise per row
+    if torch.isnan(out.amax(-1)).any():  # a row of -inf logits gives a row of NaN
         raise ValueError("logits: a position has every logit equal to -inf")
     return out
 
 
 def window_evidence(circuit, logits: torch.Tensor | SparseLogits, x_t: torch.Tensor, mask_id: int,
-                    temperature: float, top_k: int | None) -> WindowEvidence:
+                    temperature: float, top_k: int | None, out: torch.Tensor | None = None) -> WindowEvidence:
     """Build the circuit evidence of a window.
 
     Args:
@@ -215,6 +220,8 @@ def window_evidence(circuit, logits: torch.Tensor | SparseLogits, x_t: torch.Ten
         mask_id: the mask token id (may be ``>= V``, as in MDLM).
         temperature: tau applied to the backbone logits.
         top_k: keep only the top-k candidates per position (None = full vocabulary).
+        out: a (B, W, V) buffer of the circuit's dtype for dense evidence of a full window
+            without gradients (reused across calls); ignored otherwise.
 
     With ``top_k`` smaller than ``V`` or sparse logits the evidence is a
     :class:`pclayer.TopKEvidence` (no dense (B, W, V) evidence is built). An in-vocabulary
@@ -238,7 +245,9 @@ def window_evidence(circuit, logits: torch.Tensor | SparseLogits, x_t: torch.Ten
     if not bool(masked_real.any()):
         soft = torch.zeros(batch, num_vars, vocab, dtype=circuit.dtype, device=circuit.device)
     else:  # zero off the masked positions (in place when no gradient needs the log-softmax output)
-        logp, unmasked = tempered_log_probs(logits, temperature, circuit.dtype), ~masked_real.unsqueeze(-1)
+        if out is not None and (width != num_vars or logits.requires_grad or out.shape != (batch, width, vocab)):
+            out = None
+        logp, unmasked = tempered_log_probs(logits, temperature, circuit.dtype, out), ~masked_real.unsqueeze(-1)
         soft = logp.masked_fill(unmasked, 0.0) if logp.requires_grad else logp.masked_fill_(unmasked, 0.0)
         if num_vars > width:
             soft = torch.nn.functional.pad(soft, (0, 0, 0, num_vars - width))

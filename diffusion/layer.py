@@ -11,6 +11,8 @@ evidence on the masked positions and the unmasked tokens as hard evidence.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -90,6 +92,7 @@ class CoDDLayer(nn.Module):
         self.mode = mode
         self.top_k = check_top_k(top_k, self.vocab_size)
         self.normalize = _check_bool("normalize", normalize)
+        self._scratch = _Scratch()
 
     @property
     def window(self) -> int:
@@ -132,18 +135,40 @@ class CoDDLayer(nn.Module):
             with ``normalize``, ``log_softmax`` of that over the vocabulary at every position.
         """
         normalize = self.normalize if normalize is None else _check_bool("normalize", normalize)
-        ev = self.evidence(logits, x_t)
+        buffer = None
+        if not isinstance(logits, SparseLogits) and self.top_k is None and isinstance(logits, torch.Tensor) \
+                and logits.dim() == 3 and not (torch.is_grad_enabled() and logits.requires_grad):
+            buffer = self._scratch.get("evidence", (logits.shape[0], self.window, self.vocab_size), self.circuit)
+        ev = window_evidence(self.circuit, logits, x_t, self.mask_id, self.temperature, self.top_k, buffer)
         rows = self.gated_rows(x_t, gate).nonzero().flatten()
         out = _dense_logits(logits, self.vocab_size)
         if self.mask_id < self.vocab_size:
             out[..., self.mask_id] = torch.where(ev.masked[:, : ev.width], -torch.inf, out[..., self.mask_id])
         if rows.numel():
             sub = ev.rows(rows)
-            with torch.no_grad():
-                new = self._window_logits(sub, generator)
             row, position = sub.masked[:, : ev.width].nonzero(as_tuple=True)
-            _write_positions(out, rows[row] * ev.width + position, new, row, position)
+            target = rows[row] * ev.width + position
+            with torch.no_grad():
+                if self.mode == "latent" and not isinstance(sub.soft, pclayer.TopKEvidence):
+                    self._write_latent(out, target, sub, row, position, generator)
+                else:
+                    _write_positions(out, target, self._window_logits(sub, generator), row, position)
         return torch.log_softmax(out, dim=-1) if normalize else out
+
+    def _write_latent(self, out: torch.Tensor, target: torch.Tensor, ev: WindowEvidence, row: torch.Tensor,
+                      position: torch.Tensor, generator: torch.Generator | None) -> None:
+        """The ``"latent"`` mode under dense evidence, written straight into rows ``target``
+        (A,) of ``out`` viewed as (B * w, V): for masked position ``(row[a], position[a])`` of
+        ``ev``, the tempered backbone log-probabilities plus the chosen input node's
+        log-probabilities (only those A rows are read, in reusable buffers)."""
+        result = self.circuit.sample(x=ev.x, missing=ev.missing, soft_evidence=ev.soft, generator=generator,
+                                     return_nodes=True)
+        shape = (len(row), self.vocab_size)
+        new = result.node_log_probs_of(row, position, out=self._scratch.get("node rows", shape, self.circuit))
+        soft = ev.soft.view(-1, self.vocab_size)
+        new.add_(torch.index_select(soft, 0, row * self.window + position,
+                                    out=self._scratch.get("soft rows", shape, self.circuit)))
+        out.view(-1, out.shape[-1]).index_copy_(0, target, new.to(out.dtype))
 
     def _window_logits(self, ev: WindowEvidence, generator: torch.Generator | None) -> torch.Tensor | SparseLogits:
         """(B, W, V) new logits for every position of the (gated) rows of ``ev`` (only the
@@ -151,12 +176,10 @@ class CoDDLayer(nn.Module):
         evidence, :class:`SparseLogits` (B, W, k): the logits on the candidates, ``-inf``
         elsewhere."""
         circuit = self.circuit
-        if self.mode == "latent":
+        if self.mode == "latent":  # top-k evidence (dense evidence: _write_latent)
             result = circuit.sample(x=ev.x, missing=ev.missing, soft_evidence=ev.soft, generator=generator, return_nodes=True)
-            if isinstance(ev.soft, pclayer.TopKEvidence):
-                indices = ev.soft.indices
-                return SparseLogits(ev.soft.values + result.node_log_probs_at(indices), indices)
-            return ev.soft + result.node_log_probs
+            indices = ev.soft.indices
+            return SparseLogits(ev.soft.values + result.node_log_probs_at(indices), indices)
         if self.mode == "marginal":
             return torch.log(circuit.posterior(ev.x, missing=ev.missing, soft_evidence=ev.soft))
         if self.mode == "sample":
@@ -222,6 +245,31 @@ class CoDDLayer(nn.Module):
             rows = torch.isinf(denominator).nonzero().flatten().tolist()
             raise pclayer.ZeroProbabilityError(f"x_t: the unmasked tokens of rows {rows[:10]} have probability zero under the circuit")
         return numerator - denominator
+
+
+class _Scratch:
+    """Per-thread buffers reused by a layer's calls (memory touched before costs no page
+    faults; on this scale a fresh (W, V) tensor costs more than the arithmetic on it).
+    Never pickled or copied: rebuilt on use."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    def get(self, name: str, shape: tuple[int, ...], circuit: pclayer.TensorCircuit) -> torch.Tensor:
+        """An uninitialised buffer ``name`` of ``shape`` in the circuit's dtype and device."""
+        buffers = getattr(self._local, "buffers", None)
+        if buffers is None:
+            buffers = self._local.buffers = {}
+        found = buffers.get(name)
+        if found is None or found.shape != shape or found.dtype != circuit.dtype or found.device != circuit.device:
+            found = buffers[name] = torch.empty(shape, dtype=circuit.dtype, device=circuit.device)
+        return found
 
 
 def _twice(soft: torch.Tensor | pclayer.TopKEvidence) -> torch.Tensor | pclayer.TopKEvidence:

@@ -567,16 +567,17 @@ class InputLayer(nn.Module):
                 x_out[b, var] = self._choose_values(i, tables, bank, j, weights, chooser, linear, scratch).to(x_out.dtype)
         return x_out, node
 
-    def node_log_probs(self, node: torch.Tensor, tables: Tables, num_cats: int,
-                       dtype: torch.dtype, categories: torch.Tensor | None = None) -> torch.Tensor:
-        """Log-probabilities under the input node ``node[b, i]`` (B, V) (an index within this
-        layer) of every category, (B, V, num_cats) (``-inf`` beyond the variable's categories),
-        or of ``categories`` (B, V, k) only; ``-inf`` for continuous variables. ``tables``: the
-        evaluation's tables (only the tabular buckets' rows are read); ``dtype``: the circuit's."""
-        batch, num_vars = node.shape
+    def node_log_probs(self, node: torch.Tensor, tables: Tables, num_cats: int, dtype: torch.dtype,
+                       categories: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-probabilities under the input nodes ``node`` (A,) (indices within this layer) of
+        every category, (A, num_cats) (``-inf`` beyond the node's categories; into ``out`` when
+        given), or of ``categories`` (A, k) only; ``-inf`` for continuous inputs. ``tables``:
+        the evaluation's tables (only the rows read are normalised, see
+        :meth:`Tables.log_rows`); ``dtype``: the circuit's."""
         width = max(num_cats, 1) if categories is None else categories.shape[-1]
-        out = torch.full((batch, num_vars, width), -torch.inf, dtype=dtype, device=node.device)
-        start = 0
+        if out is None:
+            out = torch.empty((len(node), width), dtype=dtype, device=node.device)
+        start, filled = 0, False
         for i, bucket in enumerate(self.buckets):
             n, k = bucket["num_nodes"], bucket["num_cats"]
             size = getattr(self, f"var_{i}").numel() * n
@@ -584,16 +585,24 @@ class InputLayer(nn.Module):
             start += size
             if not bucket["distribution"].tabular:
                 continue
-            b, var = ((local >= 0) & (local < size)).nonzero(as_tuple=True)
-            flat = local[b, var]
-            row, key = getattr(self, f"bank_{i}")[flat // n] * n + flat % n, bucket["key"]
+            key = bucket["key"]
+            if len(self.buckets) == 1 and (categories is not None or k == width):  # every node, every column
+                row = getattr(self, f"bank_{i}")[local // n] * n + local % n
+                if categories is None:
+                    return tables.log_rows(key, row, out=out)
+                return _entries_or_minus_inf(tables, key, row, categories, k, out)
+            if not filled:
+                out.fill_(-torch.inf)
+                filled = True
+            (a,) = ((local >= 0) & (local < size)).nonzero(as_tuple=True)
+            flat = local[a]
+            row = getattr(self, f"bank_{i}")[flat // n] * n + flat % n
             if categories is None:
-                out[b, var, :k] = tables.log_rows(key, row)
+                out[a, :k] = tables.log_rows(key, row)
             else:
-                wanted = categories[b, var]  # (A, k)
-                inside = (wanted >= 0) & (wanted < k)
-                out[b, var] = torch.where(inside, tables.log_entries(key, row, wanted.clamp(0, k - 1)),
-                                          torch.full_like(wanted, -torch.inf, dtype=dtype))
+                out[a] = _entries_or_minus_inf(tables, key, row, categories[a], k, None)
+        if not filled:
+            out.fill_(-torch.inf)
         return out
 
     def _choose_values(self, i: int, tables: Tables, bank: torch.Tensor, node: torch.Tensor,
@@ -609,6 +618,15 @@ class InputLayer(nn.Module):
         rows = scratch.scratch("draw-rows", (len(node), self.buckets[i]["num_cats"]), like)
         scores = tables.log_rows(key, bank * self.buckets[i]["num_nodes"] + node, out=rows)
         return chooser(scores if evidence is None else scores.add_(evidence))
+
+
+def _entries_or_minus_inf(tables: Tables, key: str, row: torch.Tensor, categories: torch.Tensor, k: int,
+                          out: torch.Tensor | None) -> torch.Tensor:
+    """(A, c) log-probabilities of ``categories`` (A, c) in rows ``row`` (A,) of input bank
+    ``key``'s log-table with ``k`` categories; ``-inf`` outside ``[0, k)``."""
+    inside = (categories >= 0) & (categories < k)
+    entries = tables.log_entries(key, row, categories.clamp(0, k - 1))
+    return torch.where(inside, entries, torch.full_like(entries, -torch.inf), out=out)
 
 
 def _emit_topk(x_out: torch.Tensor, b: torch.Tensor, eb: torch.Tensor, var: torch.Tensor, tables: Tables, key: str,

@@ -218,7 +218,8 @@ class Tables:
             picked = torch.index_select(flat, 0, rows, out=out).unsqueeze(0)
         else:
             picked = flat.index_select(0, rows).unsqueeze(0)
-        return distribution.log_table_into(picked, out.unsqueeze(0))[0]
+        distribution.log_table_into(picked, out.unsqueeze(0))
+        return out
 
     def log_entries(self, key: str, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
         """(A, k) log-probabilities at ``columns`` (A, k), each in ``[0, K)``, of rows ``rows``

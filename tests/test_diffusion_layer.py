@@ -181,6 +181,30 @@ def test_latent_mode_node_posterior_chi_square():
     assert chisquare(counts, [n * path_p[k] for k in keys]).pvalue > 1e-3
 
 
+def test_latent_mode_adds_a_chosen_nodes_emission_row_and_reuses_no_returned_memory():
+    """Each masked position's latent logits are the tempered backbone log-probabilities plus
+    the log emission row of one hidden state (distinct rows here), whatever the call before
+    (the layer reuses its evidence buffers, never the returned tensors)."""
+    vocab, states = 5, 3
+    emission = torch.softmax(torch.randn(states, vocab, generator=torch.Generator().manual_seed(0), dtype=torch.float64), -1)
+    root = pc.structures.hmm(4, states, vocab, emission=emission, seed=1)
+    circuit = pc.compile(root, dtype=torch.float64)
+    layer = CoDDLayer(circuit, mask_id=MASK, gate=ALWAYS, temperature=0.7, mode="latent")
+    g = torch.Generator().manual_seed(3)
+    x_t = torch.tensor([[MASK, 2, MASK, MASK], [1, MASK, 0, 4]])
+    first_logits, second_logits = (torch.randn(2, 4, vocab, generator=g, dtype=torch.float64) for _ in range(2))
+    first = layer(first_logits, x_t, g)
+    kept = first.clone()
+    second = layer(second_logits, x_t, g)
+    assert torch.equal(first, kept)
+    for logits, out in ((first_logits, first), (second_logits, second)):
+        masked = x_t == MASK
+        added = (out - torch.log_softmax(logits / 0.7, -1))[masked]  # (masked positions, V)
+        distance = (added.unsqueeze(1) - emission.log().unsqueeze(0)).abs().amax(-1)  # to each state's row
+        assert bool((distance.amin(1) < 1e-12).all())
+        assert torch.equal(out[~masked], logits[~masked])
+
+
 def test_any_order_fixes_greedily_in_confidence_order():
     vocab, window = 3, 3
     circuit = random_circuit(window, 2, vocab, seed=11)

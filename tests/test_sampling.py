@@ -215,6 +215,26 @@ def test_node_log_probs_at_categories_gather_the_full_rows(root):
         result.node_log_probs_at(categories[:, :1])
 
 
+def test_node_log_probs_of_reads_the_asked_rows(root):
+    """``node_log_probs_of(draws, variables)`` equals those rows of ``node_log_probs``, into a
+    given buffer too, and names a bad argument."""
+    circuit = pc.compile(root, dtype=torch.float64)
+    result = circuit.sample(20, generator=torch.Generator().manual_seed(7), return_nodes=True)
+    draws = torch.tensor([0, 5, 5, 19])
+    variables = torch.tensor([0, circuit.num_vars - 1, 0, 1 % circuit.num_vars])
+    full = result.node_log_probs
+    assert torch.equal(result.node_log_probs_of(draws, variables), full[draws, variables])
+    buffer = torch.empty(4, circuit.num_cats, dtype=torch.float64)
+    assert result.node_log_probs_of(draws, variables, out=buffer) is buffer
+    assert torch.equal(buffer, full[draws, variables])
+    with pytest.raises(ValueError, match=r"draws: expected indices in \[0, 20\)"):
+        result.node_log_probs_of(torch.tensor([20]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="variables: expected a 1-d int64 tensor"):
+        result.node_log_probs_of(draws, variables.int())
+    with pytest.raises(ValueError, match="out: expected a torch.float64 tensor of shape"):
+        result.node_log_probs_of(draws, variables, out=buffer[:2])
+
+
 def test_sampling_is_reproducible_with_a_generator():
     circuit = pc.compile(_small_circuit())
     first = circuit.sample(50, generator=torch.Generator().manual_seed(9))

@@ -38,24 +38,50 @@ class SampleResult:
         distribution (``-inf`` beyond the variable's categories; unused for continuous
         variables), computed on first access."""
         if self._full is None:
-            self._full = self.node_log_probs_at(None)
+            batch, num_vars = self.node.shape
+            self._full = self._read(self.node.reshape(-1), None, None).view(batch, num_vars, -1)
         return self._full
 
     def node_log_probs_at(self, categories: torch.Tensor | None) -> torch.Tensor:
         """(B, num_vars, k) log-probabilities of ``categories`` (B, num_vars, k) int64 under
         each variable's input node: :attr:`node_log_probs` gathered at ``categories``,
         without building it (``-inf`` outside the variable's categories). None = every category."""
-        if categories is not None and (not isinstance(categories, torch.Tensor) or categories.dtype != torch.int64
-                                       or categories.dim() != 3 or categories.shape[:2] != self.node.shape):
+        if categories is None:
+            return self.node_log_probs
+        if not isinstance(categories, torch.Tensor) or categories.dtype != torch.int64 \
+                or categories.dim() != 3 or categories.shape[:2] != self.node.shape:
             raise ValueError(f"categories: expected an int64 tensor of shape ({self.node.shape[0]}, "
                              f"{self.node.shape[1]}, k), got {getattr(categories, 'dtype', type(categories).__name__)} "
                              f"{tuple(getattr(categories, 'shape', ()))}")
+        k = categories.shape[-1]
+        return self._read(self.node.reshape(-1), categories.reshape(-1, k), None).view(categories.shape)
+
+    def node_log_probs_of(self, draws: torch.Tensor, variables: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(A, num_cats) rows ``node_log_probs[draws[a], variables[a]]`` for int64 index
+        vectors ``draws`` and ``variables`` (A,), without building the others; into ``out``
+        ((A, num_cats), the circuit's dtype and device) when given."""
+        batch, num_vars = self.node.shape
+        for name, index, size in (("draws", draws, batch), ("variables", variables, num_vars)):
+            if not isinstance(index, torch.Tensor) or index.dtype != torch.int64 or index.dim() != 1:
+                raise ValueError(f"{name}: expected a 1-d int64 tensor, got {getattr(index, 'dtype', type(index).__name__)} "
+                                 f"{tuple(getattr(index, 'shape', ()))}")
+            if len(index) and not (0 <= int(index.min()) and int(index.max()) < size):
+                raise ValueError(f"{name}: expected indices in [0, {size})")
+        if draws.shape != variables.shape:
+            raise ValueError(f"draws, variables: expected equal lengths, got {len(draws)} and {len(variables)}")
+        width = max(self._circuit.num_cats, 1)
+        if out is not None and (tuple(out.shape) != (len(draws), width) or out.dtype != self._circuit.dtype):
+            raise ValueError(f"out: expected a {self._circuit.dtype} tensor of shape ({len(draws)}, {width}), "
+                             f"got {out.dtype} {tuple(out.shape)}")
+        return self._read(self.node[draws, variables], None, out)
+
+    def _read(self, node: torch.Tensor, categories: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
         if _input_versions(self._circuit) != self._versions:
             raise RuntimeError("node_log_probs: the circuit's input parameters changed since these samples were drawn; "
                                "read the node log-probabilities before updating the parameters")
         with torch.no_grad():
-            return self._circuit.layer_sequence[0].node_log_probs(self.node, self._tables, self._circuit.num_cats,
-                                                                  self._circuit.dtype, categories)
+            return self._circuit.layer_sequence[0].node_log_probs(node, self._tables, self._circuit.num_cats,
+                                                                  self._circuit.dtype, categories, out)
 
 
 def _input_versions(circuit) -> list[tuple]:
