@@ -263,6 +263,47 @@ def _categorical_rows(table: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor
     return table[bank[None, :, None], nodes[None, None, :], idx[:, :, None]]
 
 
+def _one_table_values(table: torch.Tensor, idx: torch.Tensor, ev: torch.Tensor, scale: torch.Tensor,
+                      gone: torch.Tensor) -> torch.Tensor:
+    """(B, G, n) values of the groups of one table (1, n, K) under evidence ``ev`` (B, G, K)
+    log-weights with per-row scale ``scale`` (B, 1): ``table[0, :, idx] * exp(ev[idx] - scale)``
+    where observed, ``sum_k exp(ev[k] - scale) table[0, :, k]`` where ``gone`` (B, G)."""
+    batch, groups, k = ev.shape
+    n = table.shape[1]
+    flat = torch.arange(n, device=idx.device)[None, None, :] * k + idx[:, :, None]  # (B, G, n)
+    rows = gone.reshape(-1).nonzero().squeeze(1)
+    w = torch.exp(ev.reshape(batch * groups, k).index_select(0, rows) - scale.index_select(0, rows // groups))
+    entries, marginal = _SharedTableReads.apply(table, flat, w)
+    value = entries * torch.exp(torch.gather(ev, 2, idx.unsqueeze(-1)) - scale.unsqueeze(2))
+    return value.reshape(batch * groups, n).index_copy(0, rows, marginal).view(batch, groups, n)
+
+
+class _SharedTableReads(torch.autograd.Function):
+    """Both reads of a one-bank table (1, n, K) under evidence with missing entries, as one
+    operation: ``entries = table.reshape(-1)[flat]`` (observed values, ``flat`` (B, G, n)
+    entry indices) and ``marginal = w @ table[0].T`` ((R, K) weights of the missing rows ->
+    (R, n)). Backward writes the table's gradient once: the product's gradient into a fresh
+    tensor, the entries' gradients added into it in place (two separate reads would cost a
+    table-size zero tensor, and a table-size sum, per step)."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, flat: torch.Tensor, w: torch.Tensor):  # type: ignore[override]
+        ctx.save_for_backward(table, flat, w)
+        return table.reshape(-1)[flat], torch.mm(table[0], w.t()).t()
+
+    @staticmethod
+    def backward(ctx, grad_entries: torch.Tensor, grad_marginal: torch.Tensor):  # type: ignore[override]
+        table, flat, w = ctx.saved_tensors
+        grad_table = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_table = torch.empty_like(table)
+            torch.mm(grad_marginal.t(), w, out=grad_table[0])
+            grad_table.view(-1).index_add_(0, flat.reshape(-1), grad_entries.reshape(-1))
+        if ctx.needs_input_grad[2]:
+            grad_w = grad_marginal @ table[0]
+        return grad_table, None, grad_w
+
+
 class InputLayer(nn.Module):
     """All input groups: per bucket a distribution's values, or the value summed out."""
 
@@ -447,6 +488,11 @@ class InputLayer(nn.Module):
             k = bucket["num_cats"]
             idx = self._columns(i, x).long().clamp(0, k - 1)
             linear = tables.linear(bucket["key"])  # (banks, n, K)
+            if evidence is not None and missing is not None and linear.shape[0] == 1 \
+                    and linear.numel() > 2 * idx.numel() * bucket["num_nodes"]:  # one big table (a vocabulary)
+                outs.append(_one_table_values(linear, idx, self._columns(i, evidence)[:, :, :k], scale,
+                                              self._columns(i, missing)).flatten(1))
+                continue
             value = _categorical_rows(linear, bank, idx)  # (B, G, n)
             ev = None
             if evidence is not None:  # exponentiated only where read: exp(w - m_b) <= 1
@@ -898,9 +944,10 @@ class SumLayer(_Reader):
         """Linear weights of dense bucket ``i`` transposed for ``x @ w``: (C, N) when every
         group uses one bank, else (G, C, N)."""
         spec = self.dense[i]
+        if not tables.cached and spec["shared"] is not None:  # one differentiable table for every layer reading the bank
+            return _bank(tables.linear(spec["key"]), spec["shared"]).t()
         if not tables.cached:  # exp of the (bank views of the) log-tables, so gradients flow per bank
-            w = torch.exp(self.dense_logw(i, tables.log, True)).transpose(1, 2)
-            return w[0] if spec["shared"] is not None else w
+            return torch.exp(self.dense_logw(i, tables.log, True)).transpose(1, 2)
         if spec["shared"] is not None:
             return tables.bank_weights(spec["key"], spec["shared"])
         linear = tables.linear(spec["key"])

@@ -168,6 +168,22 @@ class Runtime:
                 self.linear_entries[(key, transposed)] = entry
         return entry[1]
 
+    def recomputed_linear(self, key: str, version: tuple, compute) -> torch.Tensor:
+        """The natural-layout linear table ``key`` recomputed now by ``compute(buffer)`` (the
+        value a differentiable evaluation uses: never a stale cache, whatever wrote the
+        parameters), into the cached entry's buffer without bumping its version counter, and
+        then cached for ``version``. A graph still holding the buffer reads the same values:
+        the parameters cannot change before its backward without an error (see
+        :class:`pclayer.tables._RowSoftmax`)."""
+        with self.lock:
+            entry = self.linear_entries.get((key, False))
+            buffer = None if entry is None else entry[1]
+            table = compute(None if buffer is None else buffer.data)
+            if buffer is None or table.data_ptr() != buffer.data_ptr():
+                buffer = table
+            self.linear_entries[(key, False)] = [version, buffer, None]
+        return buffer
+
     def smallest_linear(self, key: str, transposed: bool, version: tuple) -> float:
         """The smallest entry of the cached linear table ``key`` (valid for ``version``),
         measured on first request (most evaluations never need it)."""

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
+from pclayer.distributions import Categorical
 from pclayer.runtime import stamp
 
 
@@ -167,7 +168,7 @@ class Tables:
             found = self._cached_linear(key, transposed)
         else:
             if isinstance(self._log, ParameterLogTables):  # straight from the parameters: no log-table pass
-                found = normalise_linear(self.circuit, key, self.circuit.bank_tensor(key), None)
+                found = self._differentiable_linear(key)
             else:
                 found = torch.exp(self.log[key])
             found = found.transpose(1, 2).contiguous() if transposed else found
@@ -245,6 +246,25 @@ class Tables:
         self._whole_log[key] = found
         return found
 
+    def _differentiable_linear(self, key: str) -> torch.Tensor:
+        """Probabilities of bank ``key`` that gradients flow through to its parameters. A
+        row softmax (dense sums, categorical inputs) is computed into the runtime's linear
+        table buffer (reused from step to step: no table-size allocation; then also valid for
+        no-grad calls at these parameters) and takes its gradient from :class:`_RowSoftmax`."""
+        circuit = self.circuit
+        raw = circuit.bank_tensor(key)
+        bank = circuit.plan.banks[key]
+        if not (bank.role == "dense_sum" or (bank.role == "input" and isinstance(circuit.bank_distribution(key), Categorical))):
+            return normalise_linear(circuit, key, raw, None)
+        detached = raw.detach()
+
+        def compute(buffer: torch.Tensor | None) -> torch.Tensor:
+            if buffer is None or buffer.shape != raw.shape or buffer.dtype != raw.dtype or buffer.device != raw.device:
+                buffer = None
+            return normalise_linear(circuit, key, detached, buffer)
+
+        return _RowSoftmax.apply(raw, circuit.runtime.recomputed_linear(key, bank_stamp(circuit, key), compute))
+
     def _cached_linear(self, key: str, transposed: bool) -> torch.Tensor:
         circuit = self.circuit
         raw = circuit.bank_tensor(key).detach()
@@ -266,3 +286,25 @@ class Tables:
         """(C, N) probabilities of bank ``bank`` of the dense sum table ``key`` (banks, N, C):
         a transposed view for ``x @ w`` (from the caches only)."""
         return self.circuit.runtime.transposed_banks(key, self.linear(key))[bank]
+
+
+class _RowSoftmax(torch.autograd.Function):
+    """``softmax(raw, -1)`` whose value ``table`` was computed without autograd (into a reused
+    buffer). Backward: ``table * (grad - sum(table * grad, -1))``, in place on the incoming
+    gradient when it is a plain contiguous tensor (the table-size gradients of a big
+    vocabulary cost more in fresh memory than in arithmetic). ``raw`` is saved so that an
+    in-place change of the parameters before the backward raises, as for any torch op."""
+
+    @staticmethod
+    def forward(ctx, raw: torch.Tensor, table: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(raw, table)  # raw: changing the parameters before backward raises
+        return table.view_as(table)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        _, table = ctx.saved_tensors
+        if grad.is_contiguous() and grad._base is None and not grad.requires_grad:
+            product = grad.mul_(table)  # table * grad, then minus table * (its row sums)
+            return product.addcmul_(table, product.sum(-1, keepdim=True), value=-1.0), None
+        product = grad * table
+        return product - table * product.sum(-1, keepdim=True), None

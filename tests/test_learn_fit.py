@@ -164,3 +164,38 @@ def test_adam_skips_rows_where_every_value_is_missing():
     fit(untouched, x[20:], missing=missing[20:], epochs=3, batch_size=8, method="adam", lr=0.1, progress=False)
     for key, value in pc.compile(_bayes_net(0), dtype=F64).params.items():
         assert torch.equal(untouched.params[key], value)
+
+
+def test_a_vocabulary_sized_table_under_evidence_has_exact_gradients_in_parameters_and_evidence():
+    """One emission table much bigger than what a batch reads, soft evidence and missing
+    values: the path that reads observed entries and missing-row marginals of the table in
+    one operation, with the row-softmax gradient computed in place."""
+    circuit = pc.compile(pc.structures.hmm(3, 2, 50, seed=0), dtype=F64)
+    x = torch.tensor([[0, 17, 49], [3, 3, 0]])
+    missing = torch.tensor([[True, False, False], [False, True, True]])
+    evidence = torch.randn(2, 3, 50, dtype=F64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    params = list(circuit.parameters())
+    torch.autograd.gradcheck(lambda e, *p: circuit.log_prob(x, missing=missing, soft_evidence=e), (evidence, *params))
+
+
+def test_two_forwards_share_one_backward_and_parameter_changes_before_it_raise():
+    circuit = pc.compile(pc.structures.hmm(3, 2, 50, seed=0), dtype=F64)
+    x = torch.tensor([[0, 17, 49], [3, 3, 0]])
+    missing = torch.tensor([[True, False, False], [False, True, True]])
+    evidence = torch.randn(2, 3, 50, dtype=F64, generator=torch.Generator().manual_seed(0))
+    separate = []
+    for _ in range(2):
+        circuit.zero_grad(set_to_none=True)
+        circuit.log_prob(x, missing=missing, soft_evidence=evidence).sum().backward()
+        separate.append({k: p.grad.clone() for k, p in circuit.named_parameters()})
+    circuit.zero_grad(set_to_none=True)
+    first = circuit.log_prob(x, missing=missing, soft_evidence=evidence).sum()
+    second = circuit.log_prob(x, missing=missing, soft_evidence=evidence).sum()
+    (first + second).backward()
+    for name, p in circuit.named_parameters():
+        torch.testing.assert_close(p.grad, separate[0][name] + separate[1][name], rtol=1e-12, atol=1e-12)
+    loss = circuit.log_prob(x, missing=missing, soft_evidence=evidence).sum()
+    with torch.no_grad():
+        next(iter(circuit.parameters())).mul_(1.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
