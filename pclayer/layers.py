@@ -429,6 +429,8 @@ class InputLayer(nn.Module):
         """Tabular inputs under top-k evidence in linear space (see :meth:`scaled_forward`);
         ``m_b`` is the largest weight of row ``b`` (0 for variables without evidence). None
         when a transposed table is not worth building (see :meth:`Tables.linear_if_reused`)."""
+        if not tables.cached and len(self.buckets) == 1 and tables.circuit.bank_tensor(self.buckets[0]["key"]).shape[0] == 1:
+            return self._topk_values_from_columns(tables, x, missing, evidence)
         transposed = [tables.linear_if_reused(bucket["key"], transposed=True) for bucket in self.buckets]
         if any(table is None for table in transposed):
             return None
@@ -453,6 +455,34 @@ class InputLayer(nn.Module):
                                                   None if free is None else self._columns(i, free), value)
             outs.append(value.flatten(1))
         return checked(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1), scale, 0.0)
+
+    def _topk_values_from_columns(self, tables: Tables, x: torch.Tensor, missing: torch.Tensor | None,
+                                  evidence: TopKEvidence) -> ScaledValue | None:
+        """:meth:`_linear_topk_values` for one bucket over a one-bank table under autograd:
+        reads only the table's columns of the observed values and the candidates
+        (:meth:`Tables.linear_columns`), so the table's gradient costs one pass, not a
+        transposed copy nor a table-size zero tensor."""
+        bucket = self.buckets[0]
+        k, n = bucket["num_cats"], bucket["num_nodes"]
+        free = evidence.free
+        weights = evidence.values if free is None else evidence.values.masked_fill(free.unsqueeze(-1), 0.0)
+        scale = _evidence_scale(weights)
+        w = self._columns(0, torch.exp(weights - scale.unsqueeze(2)))  # (B, G, c): at most 1
+        idx = self._columns(0, x).long().clamp(0, k - 1)  # (B, G)
+        candidates = self._columns(0, evidence.indices)  # (B, G, c)
+        batch, groups, c = candidates.shape
+        picked = torch.where(candidates == idx.unsqueeze(-1), w, torch.zeros_like(w)).sum(-1)
+        gone = torch.zeros_like(idx, dtype=torch.bool) if missing is None else self._columns(0, missing)
+        if free is not None:
+            picked = torch.where(self._columns(0, free), w[:, :, 0], picked)
+        columns = tables.linear_columns(bucket["key"], torch.cat([idx.reshape(-1), candidates.reshape(-1)]))[0]  # (n, BG(1 + c))
+        value = columns[:, : batch * groups].t().reshape(batch, groups, n) * picked.unsqueeze(-1)
+        marginal = torch.einsum("nrc,rc->rn", columns[:, batch * groups:].reshape(n, batch * groups, c),
+                                w.reshape(batch * groups, c)).reshape(batch, groups, n)
+        if free is not None:  # no evidence: a normalised row sums to one
+            marginal = torch.where(self._columns(0, free).unsqueeze(-1), w[:, :, :1], marginal)
+        value = torch.where(gone.unsqueeze(-1), marginal, value)
+        return checked(value.flatten(1), scale, 0.0)
 
     @staticmethod
     def _with_topk_marginals(linear: torch.Tensor, first: torch.Tensor, candidates: torch.Tensor, w: torch.Tensor,

@@ -246,24 +246,43 @@ class Tables:
         self._whole_log[key] = found
         return found
 
+    def linear_columns(self, key: str, columns: torch.Tensor) -> torch.Tensor:
+        """(banks, R, len(columns)) columns ``columns`` (int64, repeats allowed) of the linear
+        table (banks, R, C) of bank ``key``. Under autograd, for a row softmax, the gradient
+        reaches the parameters in one pass over the table (:class:`_SoftmaxColumns`) instead of
+        through a table-size zero tensor."""
+        unique, inverse = torch.unique(columns, return_inverse=True)  # each column read once, in order
+        if self.cached or not self._row_softmax(key):
+            return self.linear(key).index_select(-1, unique).index_select(-1, inverse)
+        return _SoftmaxColumns.apply(self.circuit.bank_tensor(key), self._recomputed_linear(key), unique, inverse)
+
+    def _row_softmax(self, key: str) -> bool:
+        """Whether bank ``key``'s linear table is a plain softmax over its last dimension."""
+        bank = self.circuit.plan.banks[key]
+        return bank.role == "dense_sum" or (bank.role == "input" and isinstance(self.circuit.bank_distribution(key), Categorical))
+
+    def _recomputed_linear(self, key: str) -> torch.Tensor:
+        """The row softmax of bank ``key``'s parameters, computed now (without autograd) into
+        the runtime's reused buffer (see :meth:`pclayer.runtime.Runtime.recomputed_linear`)."""
+        circuit = self.circuit
+        raw = circuit.bank_tensor(key).detach()
+
+        def compute(buffer: torch.Tensor | None) -> torch.Tensor:
+            if buffer is None or buffer.shape != raw.shape or buffer.dtype != raw.dtype or buffer.device != raw.device:
+                buffer = None
+            return normalise_linear(circuit, key, raw, buffer)
+
+        return circuit.runtime.recomputed_linear(key, bank_stamp(circuit, key), compute)
+
     def _differentiable_linear(self, key: str) -> torch.Tensor:
         """Probabilities of bank ``key`` that gradients flow through to its parameters. A
         row softmax (dense sums, categorical inputs) is computed into the runtime's linear
         table buffer (reused from step to step: no table-size allocation; then also valid for
         no-grad calls at these parameters) and takes its gradient from :class:`_RowSoftmax`."""
-        circuit = self.circuit
-        raw = circuit.bank_tensor(key)
-        bank = circuit.plan.banks[key]
-        if not (bank.role == "dense_sum" or (bank.role == "input" and isinstance(circuit.bank_distribution(key), Categorical))):
-            return normalise_linear(circuit, key, raw, None)
-        detached = raw.detach()
-
-        def compute(buffer: torch.Tensor | None) -> torch.Tensor:
-            if buffer is None or buffer.shape != raw.shape or buffer.dtype != raw.dtype or buffer.device != raw.device:
-                buffer = None
-            return normalise_linear(circuit, key, detached, buffer)
-
-        return _RowSoftmax.apply(raw, circuit.runtime.recomputed_linear(key, bank_stamp(circuit, key), compute))
+        raw = self.circuit.bank_tensor(key)
+        if not self._row_softmax(key):
+            return normalise_linear(self.circuit, key, raw, None)
+        return _RowSoftmax.apply(raw, self._recomputed_linear(key))
 
     def _cached_linear(self, key: str, transposed: bool) -> torch.Tensor:
         circuit = self.circuit
@@ -308,3 +327,24 @@ class _RowSoftmax(torch.autograd.Function):
             return product.addcmul_(table, product.sum(-1, keepdim=True), value=-1.0), None
         product = grad * table
         return product - table * product.sum(-1, keepdim=True), None
+
+
+class _SoftmaxColumns(torch.autograd.Function):
+    """``softmax(raw, -1)[..., unique][..., inverse]`` (``unique`` sorted distinct columns)
+    whose full value ``table`` was computed without autograd. Backward in one pass over the
+    table: ``grad_raw = -table * sum(g * table[unique]) + (g * table[unique] added at unique)``
+    with ``g`` the gradient summed per distinct column."""
+
+    @staticmethod
+    def forward(ctx, raw: torch.Tensor, table: torch.Tensor, unique: torch.Tensor,  # type: ignore[override]
+                inverse: torch.Tensor) -> torch.Tensor:
+        picked = table.index_select(-1, unique)
+        ctx.save_for_backward(raw, table, unique, inverse, picked)
+        return picked.index_select(-1, inverse)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        _, table, unique, inverse, picked = ctx.saved_tensors
+        weighted = torch.zeros_like(picked).index_add_(-1, inverse, grad).mul_(picked)
+        grad_raw = torch.mul(table, weighted.sum(-1, keepdim=True).neg_())
+        return grad_raw.index_add_(-1, unique, weighted), None, None, None

@@ -199,3 +199,32 @@ def test_two_forwards_share_one_backward_and_parameter_changes_before_it_raise()
         next(iter(circuit.parameters())).mul_(1.5)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_top_k_evidence_on_a_vocabulary_sized_table_has_the_dense_evidences_gradients():
+    """Under autograd, top-k evidence on one big table reads only the candidates' and the
+    observed values' columns (repeated across rows here); its gradients in the parameters
+    and the evidence values equal those of the same evidence given densely."""
+    circuit = pc.compile(pc.structures.hmm(3, 2, 50, seed=0), dtype=F64)
+    g = torch.Generator().manual_seed(1)
+    x = torch.tensor([[0, 17, 49], [3, 3, 0]])
+    missing = torch.tensor([[True, False, True], [False, True, True]])
+    indices = torch.stack([torch.randperm(50, generator=g)[:4] for _ in range(6)]).view(2, 3, 4)
+    indices[1, 2] = indices[0, 0]  # the same candidates in two rows
+    indices[0, 1, 0], indices[1, 0, 0] = 17, 3  # the observed values among their candidates (else probability 0)
+    indices[1, 0, 1:] = torch.tensor([5, 6, 7])
+    values = torch.randn(2, 3, 4, dtype=F64, generator=g, requires_grad=True)
+    free = torch.tensor([[False, False, True], [False, False, False]])
+    params = list(circuit.parameters())
+
+    def grads(evidence):
+        circuit.zero_grad(set_to_none=True)
+        total = circuit.log_prob(x, missing=missing, soft_evidence=evidence).sum()
+        return torch.autograd.grad(total, [values, *params])
+
+    sparse = grads(pc.TopKEvidence(values, indices, free))
+    dense = grads(pc.TopKEvidence(values, indices, free).to_dense(50))
+    for a, b in zip(sparse, dense):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.autograd.gradcheck(lambda v, *p: circuit.log_prob(x, missing=missing, soft_evidence=pc.TopKEvidence(v, indices, free)),
+                             (values, *params))
