@@ -203,7 +203,8 @@ def categorical_topk_evidence(values: torch.Tensor, indices: torch.Tensor, log_t
 
 def inverse_cdf(scores: torch.Tensor, uniforms: torch.Tensor, backend: Backend = "auto", record: object | None = None,
                 rows: torch.Tensor | None = None, linear: bool = False, overwrite: bool = False,
-                addend: torch.Tensor | None = None, addend_rows: torch.Tensor | None = None) -> torch.Tensor:
+                addend: torch.Tensor | None = None, addend_rows: torch.Tensor | None = None,
+                uniforms_in_range: bool = False) -> torch.Tensor:
     """Top-down sampling choice: index per row of scores (A, C) by inverse CDF with uniforms
     (A,) in [0, 1]. ``scores`` are logits (log-sum representation) or, with ``linear``,
     non-negative weights (scaled representation; the kernel reads their logarithms). With
@@ -213,7 +214,9 @@ def inverse_cdf(scores: torch.Tensor, uniforms: torch.Tensor, backend: Backend =
     (a sum node's log-weights plus its children's values; the kernel gathers and adds in one
     pass). ``overwrite``: ``scores`` may be overwritten (the torch path then works in place).
     Kernel and torch path choose identically except where ``u * total`` lies within a few ulps
-    of a CDF boundary (the kernel sums the CDF in a parallel order). Returns (A,) int64."""
+    of a CDF boundary (the kernel sums the CDF in a parallel order). ``uniforms_in_range``: the
+    caller drew ``uniforms`` with ``torch.rand`` itself, so their range is not checked again.
+    Returns (A,) int64."""
     _check_float("scores", scores, 2)
     draws = scores.shape[0] if rows is None else rows.shape[0]
     _check_rows("rows", rows, None)
@@ -228,7 +231,7 @@ def inverse_cdf(scores: torch.Tensor, uniforms: torch.Tensor, backend: Backend =
         _check_rows("addend_rows", addend_rows, draws)
     if not isinstance(uniforms, torch.Tensor) or uniforms.shape != (draws,):
         raise ValueError(f"uniforms: expected shape ({draws},), got {getattr(uniforms, 'shape', uniforms)}")
-    if uniforms.numel():
+    if uniforms.numel() and not uniforms_in_range:
         _check_async(((uniforms >= 0) & (uniforms <= 1)).all(), "uniforms: expected values in [0, 1] without NaN")
     if choose_backend(backend, "inverse_cdf", (scores, uniforms), record=record) == "cuda":  # an index has no gradient
         from pclayer.cuda import ops

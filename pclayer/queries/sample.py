@@ -104,7 +104,7 @@ class _InverseCDF(Chooser):
         return dispatch.inverse_cdf(scores, uniforms, backend=self.runtime.backend, record=self.runtime, rows=rows,
                                     linear=linear, overwrite=rows is None and addend is None,
                                     addend=None if addend is None else addend[0],
-                                    addend_rows=None if addend is None else addend[1])
+                                    addend_rows=None if addend is None else addend[1], uniforms_in_range=True)
 
 
 def _rows(value: torch.Tensor | TopKEvidence | None) -> int | None:
