@@ -267,7 +267,8 @@ class _Scratch:
         if buffers is None:
             buffers = self._local.buffers = {}
         found = buffers.get(name)
-        if found is None or found.shape != shape or found.dtype != circuit.dtype or found.device != circuit.device:
+        if found is None or found.shape != shape or found.dtype != circuit.dtype or found.device != circuit.device \
+                or (found.is_inference() and not torch.is_inference_mode_enabled()):  # (not writable out of inference mode)
             found = buffers[name] = torch.empty(shape, dtype=circuit.dtype, device=circuit.device)
         return found
 

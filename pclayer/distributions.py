@@ -137,7 +137,9 @@ class Distribution:
         return (*bank_shape[:2], self.num_cats)
 
     def log_table(self, bank: torch.Tensor) -> torch.Tensor:
-        """(banks, n, K) normalised log-probabilities from the stored bank; differentiable."""
+        """(banks, n, K) normalised log-probabilities from the stored bank; differentiable.
+        Row ``[b, j]`` depends on ``bank[b, j]`` only: evaluations normalise just the rows they
+        read (:meth:`pclayer.tables.Tables.log_rows`)."""
         raise NotImplementedError
 
     def log_table_into(self, bank: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

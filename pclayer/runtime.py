@@ -51,7 +51,8 @@ class Workspace:
             return None
         numel = math.prod(shape)
         buffer = self.buffers.get(name)
-        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device:
+        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device \
+                or _frozen(buffer):
             buffer = like.new_empty(numel)
             self.buffers[name] = buffer
         return buffer[:numel].view(shape)
@@ -62,12 +63,12 @@ class Workspace:
         if self.buffers is None or self.slots is None:
             return None
         view = self.buffers.get((layer, shape))  # the view handed out last time
-        if view is not None and view.dtype == like.dtype:
+        if view is not None and view.dtype == like.dtype and not _frozen(view):
             return view
         slot = self.slots[layer]
         numel = math.prod(shape)
         buffer = self.buffers.get(slot)
-        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype:
+        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or _frozen(buffer):
             buffer = like.new_empty(numel)
             self.buffers[slot] = buffer
             for key in [key for key in self.buffers if isinstance(key, tuple) and self.slots[key[0]] == slot]:
@@ -78,6 +79,11 @@ class Workspace:
 
 
 DISABLED = Workspace(None, None)
+
+
+def _frozen(buffer: torch.Tensor) -> bool:
+    """Whether ``buffer`` cannot be written here: made in inference mode, used outside it."""
+    return buffer.is_inference() and not torch.is_inference_mode_enabled()
 
 
 class Runtime:

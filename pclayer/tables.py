@@ -252,7 +252,7 @@ class Tables:
         reaches the parameters in one pass over the table (:class:`_SoftmaxColumns`) instead of
         through a table-size zero tensor."""
         unique, inverse = torch.unique(columns, return_inverse=True)  # each column read once, in order
-        if self.cached or not self._row_softmax(key):
+        if self.cached or not self._row_softmax(key) or torch.is_inference_mode_enabled():
             return self.linear(key).index_select(-1, unique).index_select(-1, inverse)
         return _SoftmaxColumns.apply(self.circuit.bank_tensor(key), self._recomputed_linear(key), unique, inverse)
 
@@ -280,7 +280,7 @@ class Tables:
         table buffer (reused from step to step: no table-size allocation; then also valid for
         no-grad calls at these parameters) and takes its gradient from :class:`_RowSoftmax`."""
         raw = self.circuit.bank_tensor(key)
-        if not self._row_softmax(key):
+        if not self._row_softmax(key) or torch.is_inference_mode_enabled():  # (no runtime buffer holds an inference tensor)
             return normalise_linear(self.circuit, key, raw, None)
         return _RowSoftmax.apply(raw, self._recomputed_linear(key))
 

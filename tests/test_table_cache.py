@@ -234,3 +234,33 @@ def test_handed_out_log_tables_keep_their_values_and_internal_tables_reuse_their
     assert torch.equal(handed, kept)
     assert again.data_ptr() == internal.data_ptr()
     torch.testing.assert_close(again, torch.log_softmax(circuit.params[key], dim=-1), rtol=0, atol=0)
+
+
+def test_calls_in_inference_mode_leave_no_buffer_that_later_calls_cannot_write():
+    """Tensors made in inference mode cannot be written outside it: queries, gradients and the
+    CoDD layer keep working after calls in inference mode, with the same numbers."""
+    from diffusion import CoDDLayer
+
+    circuit = pc.compile(pc.structures.hmm(4, 3, 50, seed=0), dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 50, (5, 4), generator=g)
+    missing = torch.rand(5, 4, generator=g) < 0.5
+    soft = torch.randn(5, 4, 50, generator=g, dtype=torch.float64)
+    logits = torch.randn(5, 4, 50, generator=g, dtype=torch.float64)
+    layer = CoDDLayer(circuit, mask_id=50, gate=2.0)
+    x_t = x.masked_fill(missing, 50)
+
+    def run():
+        sampled = circuit.sample(x=x, missing=missing, soft_evidence=soft, generator=torch.Generator().manual_seed(1),
+                                 return_nodes=True)
+        return (sampled.x, sampled.node_log_probs, circuit.log_prob(x, missing=missing, soft_evidence=soft),
+                layer(logits, x_t, torch.Generator().manual_seed(2)))
+
+    with torch.inference_mode():
+        inside = run()
+    with torch.no_grad():
+        outside = run()
+    for a, b in zip(inside, outside):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    circuit.log_prob(x, missing=missing, soft_evidence=soft).sum().backward()
+    assert all(p.grad is not None for p in circuit.parameters())
