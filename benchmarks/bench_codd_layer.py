@@ -12,7 +12,7 @@ product of the soft evidence, one softmax pass over the (H x V) table (what a co
 add) and the W (1 x H) @ (H x H) chain products; the process's peak resident memory; the
 top-k error of the normaliser log Z. Then one training step's ``codd_loss``
 forward+backward (``--train-batch`` rows, default 2; 0 skips; each right after an in-place
-parameter update, as in a training loop) at the full vocabulary and with top-k candidates,
+parameter update, as in a training loop, after two warm-up steps) at the full vocabulary and with top-k candidates,
 next to its dense-product floor (the forward's (B W x V) @ (V x H) product plus the emission
 gradient's (H x B W) @ (B W x V) product).
 
@@ -158,6 +158,7 @@ def train_rows(circuit: pc.TensorCircuit, args: argparse.Namespace) -> None:
             return timed_after_update(circuit, lambda: codd_loss(layer, clean, evidence, x_t).backward())
 
         step()
+        step()  # two warm-up steps: the first steps after the inference rows pay for fresh memory
         best, median = call_seconds_of(step, args.repeats)
         print(f"codd_loss forward+backward, B = {batch}, {name:16s}: best / median {best * 1e3:7.1f} / {median * 1e3:7.1f} ms"
               f"   (peak RSS so far {peak_rss_gb():.2f} GB)")
