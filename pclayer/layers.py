@@ -788,6 +788,7 @@ class ProductLayer(_Reader):
         super().__init__()
         self._init_sources(spec)
         _register(self, "child_index", spec.children)
+        _register(self, "child_index_columns", spec.children.t().contiguous())  # (F, P): each child column contiguous
         self.padded = bool(spec.padded)
         self.num_nodes = spec.children.shape[0]
         self.column_reads = spec.column_reads
@@ -891,9 +892,12 @@ class ProductLayer(_Reader):
             super().activate(active, values, tables, chooser, pending)
             return
         for f, (i, start) in enumerate(self.column_sources):
-            local = self.child_index[:, f].index_select(0, active.node) - start
+            local = self.child_index_columns[f].index_select(0, active.node)  # positions in z
             span = self.source_spans[i]
-            nodes = local + span[0] if span is not None else getattr(self, f"source_{i}").index_select(0, local)
+            if span is not None:  # the segment is a contiguous run of its layer's nodes
+                nodes = local if span[0] == start else local + (span[0] - start)
+            else:
+                nodes = getattr(self, f"source_{i}").index_select(0, local - start if start else local)
             pending[self.source_layers[i]].append((active.b, nodes))
 
     def select(self, active: ActiveNodes, outputs: list[torch.Tensor], tables: dict,
@@ -1045,18 +1049,24 @@ class SumLayer(_Reader):
             n = w.shape[1]
             size = spec["groups"] * n
             b, flat = active.within(start, size)
-            g, j = (torch.zeros_like(flat), flat) if spec["groups"] == 1 else (flat // n, flat % n)
+            g, j = (None, flat) if spec["groups"] == 1 else (flat // n, flat % n)  # (None: group 0)
             if z.shape[0] == 1 and spec["groups"] * n <= len(b):  # shared values, more draws than nodes:
                 table = combine(w, x[0].unsqueeze(1)).reshape(-1, w.shape[-1])  # one distribution per node
                 chosen = chooser(table, flat, linear=linear)
             else:  # node rows of the weights, each with its draw's children's values
                 table, rows = (w[0], j) if w.shape[0] == 1 else (w.reshape(-1, w.shape[-1]), flat)
-                children = x.reshape(-1, x.shape[-1]), _value_rows(b, z.shape[0]) * x.shape[1] + g
-                if linear:
-                    chosen = chooser(table.index_select(0, rows).mul_(children[0].index_select(0, children[1])), linear=True)
+                values = x.reshape(-1, x.shape[-1])  # (rows * G, C)
+                if linear and g is None and z.shape[0] == 1:  # every draw reads the one row of children
+                    chosen = chooser(table.index_select(0, rows).mul_(values), linear=True)
                 else:
-                    chosen = chooser(table, rows, addend=children)
-            picked.append((b, getattr(self, f"dense_children_{i}")[g, chosen]))
+                    value_rows = _value_rows(b, z.shape[0])
+                    value_rows = value_rows if g is None else value_rows * x.shape[1] + g
+                    if linear:
+                        chosen = chooser(table.index_select(0, rows).mul_(values.index_select(0, value_rows)), linear=True)
+                    else:
+                        chosen = chooser(table, rows, addend=(values, value_rows))
+            children = getattr(self, f"dense_children_{i}")
+            picked.append((b, children[0].index_select(0, chosen) if g is None else children[g, chosen]))
             start += size
         if self.sparse:
             zp = torch.cat([z, z.new_full((z.shape[0], 1), pad)], dim=1)

@@ -140,13 +140,13 @@ def checked(p: torch.Tensor, c: torch.Tensor | None, low: float, owned: bool = F
     precision (sums). ``owned``: ``p`` is this layer's own buffer, so it may be divided in place."""
     floor, renormalise_below = SAFE_FLOOR[p.dtype], RENORMALISE_BELOW[p.dtype]
     if low < renormalise_below and p.numel():
-        low = float(p.detach().amin())
+        row_min, row_max = torch.aminmax(p.detach(), dim=1, keepdim=True)
+        low = float(row_min.min())
         if not low >= floor:  # also catches NaN
             return None
         if low < renormalise_below:
-            row_max = p.detach().amax(1, keepdim=True)
-            row_max = torch.where(row_max > 0, row_max, torch.ones_like(row_max))  # (rows of zeros stay zero)
-            low = float((p.detach().amin(1, keepdim=True) / row_max).min())
+            row_max = row_max.clamp_min_(torch.finfo(p.dtype).tiny)  # (a row of zeros, possible only with a zero floor, stays zero)
+            low = float((row_min / row_max).min())
             return ScaledValue(p.div_(row_max) if owned else p / row_max, add_scales(c, row_max.log()), low)
     return ScaledValue(p, c, low)
 

@@ -175,7 +175,8 @@ def test_a_vocabulary_sized_table_under_evidence_has_exact_gradients_in_paramete
     missing = torch.tensor([[True, False, False], [False, True, True]])
     evidence = torch.randn(2, 3, 50, dtype=F64, generator=torch.Generator().manual_seed(0), requires_grad=True)
     params = list(circuit.parameters())
-    torch.autograd.gradcheck(lambda e, *p: circuit.log_prob(x, missing=missing, soft_evidence=e), (evidence, *params))
+    for gone in (missing, torch.zeros_like(missing), torch.ones_like(missing)):  # mixed, no missing row, all missing
+        torch.autograd.gradcheck(lambda e, *p: circuit.log_prob(x, missing=gone, soft_evidence=e), (evidence, *params))
 
 
 def test_two_forwards_share_one_backward_and_parameter_changes_before_it_raise():

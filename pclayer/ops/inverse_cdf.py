@@ -38,7 +38,20 @@ def inverse_cdf_weights(weights: torch.Tensor, uniforms: torch.Tensor, rows: tor
         cdf = cdf.index_select(0, rows)
     if not cdf.numel():
         return torch.zeros(cdf.shape[0], dtype=torch.long, device=cdf.device)
-    total = cdf[:, -1]
-    target = torch.minimum(uniforms.to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
-    index = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1).clamp_(max=cats - 1)
-    return torch.where(total > 0, index, torch.zeros_like(index))
+    total = cdf[:, -1:]  # (A, 1)
+    below = torch.nextafter(total, _zero(total))
+    target = torch.minimum(uniforms.to(cdf.dtype).unsqueeze(1) * total, below)
+    index = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=cats - 1)
+    return index.masked_fill_(total.squeeze(1) <= 0, 0)
+
+
+_ZEROS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    """A 0-d zero of ``like``'s dtype and device (made once: ``nextafter`` needs a tensor)."""
+    key = (like.dtype, like.device)
+    found = _ZEROS.get(key)
+    if found is None:
+        found = _ZEROS[key] = torch.zeros((), dtype=like.dtype, device=like.device)
+    return found
