@@ -143,7 +143,9 @@ class Tables:
     the whole table unless it is at hand. Built from explicit log-tables, from the parameters
     (:class:`ParameterLogTables`: :meth:`linear` then normalises the parameters directly,
     differentiably), or with ``log=None`` from the circuit's caches (valid only when no
-    gradient can reach the parameters)."""
+    gradient can reach the parameters). Cached tables serve this evaluation: an evaluation
+    after a parameter update rewrites their memory (:meth:`TensorCircuit.log_tables` gives
+    tables that are never rewritten)."""
 
     def __init__(self, circuit, log: Mapping | None):
         self.circuit = circuit
