@@ -136,8 +136,7 @@ class CoDDLayer(nn.Module):
         """
         normalize = self.normalize if normalize is None else _check_bool("normalize", normalize)
         buffer = None
-        if not isinstance(logits, SparseLogits) and self.top_k is None and isinstance(logits, torch.Tensor) \
-                and logits.dim() == 3 and not (torch.is_grad_enabled() and logits.requires_grad):
+        if self.top_k is None and isinstance(logits, torch.Tensor) and logits.dim() == 3 and not logits.requires_grad:
             buffer = self._scratch.get("evidence", (logits.shape[0], self.window, self.vocab_size), self.circuit)
         ev = window_evidence(self.circuit, logits, x_t, self.mask_id, self.temperature, self.top_k, buffer)
         rows = self.gated_rows(x_t, gate).nonzero().flatten()

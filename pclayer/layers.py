@@ -263,6 +263,29 @@ def _categorical_rows(table: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor
     return table[bank[None, :, None], nodes[None, None, :], idx[:, :, None]]
 
 
+def _topk_weights(evidence: TopKEvidence) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m, exp(values - m_b))`` of top-k evidence: the per-row scale ``m`` (B, 1) (largest
+    weight, free variables counting as 0) and the candidates' weights (B, V, c), at most 1."""
+    weights = evidence.values if evidence.free is None else evidence.values.masked_fill(evidence.free.unsqueeze(-1), 0.0)
+    scale = _evidence_scale(weights)
+    return scale, torch.exp(weights - scale.unsqueeze(2))
+
+
+def _observed_evidence(ev: torch.Tensor, idx: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(B, G, 1) evidence weights ``exp(ev[b, g, idx[b, g]] - scale_b)`` of the observed values
+    ``idx`` (B, G) under log-weights ``ev`` (B, G, K) with per-row scale ``scale`` (B, 1):
+    exponentiated only where read, at most 1."""
+    return torch.exp(torch.gather(ev, 2, idx.unsqueeze(-1)) - scale.unsqueeze(2))
+
+
+def _missing_row_weights(ev: torch.Tensor, scale: torch.Tensor, gone: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat (b * G + g) indices (R,) of the missing entries ``gone`` (B, G) and their
+    evidence weights ``exp(ev - scale_b)`` (R, K), from log-weights ``ev`` (B, G, K)."""
+    batch, groups, k = ev.shape
+    rows = gone.reshape(-1).nonzero().squeeze(1)
+    return rows, torch.exp(ev.reshape(batch * groups, k).index_select(0, rows) - scale.index_select(0, rows // groups))
+
+
 def _one_table_values(table: torch.Tensor, idx: torch.Tensor, ev: torch.Tensor, scale: torch.Tensor,
                       gone: torch.Tensor) -> torch.Tensor:
     """(B, G, n) values of the groups of one table (1, n, K) under evidence ``ev`` (B, G, K)
@@ -271,10 +294,9 @@ def _one_table_values(table: torch.Tensor, idx: torch.Tensor, ev: torch.Tensor, 
     batch, groups, k = ev.shape
     n = table.shape[1]
     flat = torch.arange(n, device=idx.device)[None, None, :] * k + idx[:, :, None]  # (B, G, n)
-    rows = gone.reshape(-1).nonzero().squeeze(1)
-    w = torch.exp(ev.reshape(batch * groups, k).index_select(0, rows) - scale.index_select(0, rows // groups))
+    rows, w = _missing_row_weights(ev, scale, gone)
     entries, marginal = _SharedTableReads.apply(table, flat, w)
-    value = entries * torch.exp(torch.gather(ev, 2, idx.unsqueeze(-1)) - scale.unsqueeze(2))
+    value = entries * _observed_evidence(ev, idx, scale)
     return value.reshape(batch * groups, n).index_copy(0, rows, marginal).view(batch, groups, n)
 
 
@@ -435,20 +457,13 @@ class InputLayer(nn.Module):
         if any(table is None for table in transposed):
             return None
         free = evidence.free
-        weights = evidence.values if free is None else evidence.values.masked_fill(free.unsqueeze(-1), 0.0)
-        scale = _evidence_scale(weights)
-        weights = torch.exp(weights - scale.unsqueeze(2))  # (B, V, k), at most 1
+        scale, weights = _topk_weights(evidence)
         outs = []
         for i, bucket in enumerate(self.buckets):
             k, n = bucket["num_cats"], bucket["num_nodes"]
             linear = transposed[i].view(-1, n)  # row bank * K + category
             first = (getattr(self, f"bank_{i}") * k)[None, :]  # (1, G)
-            idx = self._columns(i, x).long().clamp(0, k - 1)
-            candidates = self._columns(i, evidence.indices)  # (B, G, k)
-            w = self._columns(i, weights)  # where free: exp(0 - m_b), the weight of every category
-            picked = torch.where(candidates == idx.unsqueeze(-1), w, torch.zeros_like(w)).sum(-1)
-            if free is not None:
-                picked = torch.where(self._columns(i, free), w[:, :, 0], picked)
+            idx, candidates, w, picked = self._topk_columns(i, x, evidence, weights)
             value = linear.index_select(0, (first + idx).reshape(-1)).view(*idx.shape, n) * picked.unsqueeze(-1)
             if missing is not None:
                 value = self._with_topk_marginals(linear, first, candidates, w, self._columns(i, missing),
@@ -463,18 +478,12 @@ class InputLayer(nn.Module):
         (:meth:`Tables.linear_columns`), so the table's gradient costs one pass, not a
         transposed copy nor a table-size zero tensor."""
         bucket = self.buckets[0]
-        k, n = bucket["num_cats"], bucket["num_nodes"]
+        n = bucket["num_nodes"]
         free = evidence.free
-        weights = evidence.values if free is None else evidence.values.masked_fill(free.unsqueeze(-1), 0.0)
-        scale = _evidence_scale(weights)
-        w = self._columns(0, torch.exp(weights - scale.unsqueeze(2)))  # (B, G, c): at most 1
-        idx = self._columns(0, x).long().clamp(0, k - 1)  # (B, G)
-        candidates = self._columns(0, evidence.indices)  # (B, G, c)
+        scale, weights = _topk_weights(evidence)
+        idx, candidates, w, picked = self._topk_columns(0, x, evidence, weights)
         batch, groups, c = candidates.shape
-        picked = torch.where(candidates == idx.unsqueeze(-1), w, torch.zeros_like(w)).sum(-1)
         gone = torch.zeros_like(idx, dtype=torch.bool) if missing is None else self._columns(0, missing)
-        if free is not None:
-            picked = torch.where(self._columns(0, free), w[:, :, 0], picked)
         columns = tables.linear_columns(bucket["key"], torch.cat([idx.reshape(-1), candidates.reshape(-1)]))[0]  # (n, BG(1 + c))
         value = columns[:, : batch * groups].t().reshape(batch, groups, n) * picked.unsqueeze(-1)
         marginal = torch.einsum("nrc,rc->rn", columns[:, batch * groups:].reshape(n, batch * groups, c),
@@ -483,6 +492,20 @@ class InputLayer(nn.Module):
             marginal = torch.where(self._columns(0, free).unsqueeze(-1), w[:, :, :1], marginal)
         value = torch.where(gone.unsqueeze(-1), marginal, value)
         return checked(value.flatten(1), scale, 0.0)
+
+    def _topk_columns(self, i: int, x: torch.Tensor, evidence: TopKEvidence, weights: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Bucket ``i``'s columns of the values ``x`` (B, G), of the candidates (B, G, c), of the
+        weights ``weights`` (B, V, c) from :func:`_topk_weights`, and the weight of each
+        observed value (B, G): its candidate's weight, 0 if it is no candidate, and where a
+        variable is free the weight every category has, ``exp(0 - m_b)``."""
+        idx = self._columns(i, x).long().clamp(0, self.buckets[i]["num_cats"] - 1)
+        candidates = self._columns(i, evidence.indices)
+        w = self._columns(i, weights)
+        picked = torch.where(candidates == idx.unsqueeze(-1), w, torch.zeros_like(w)).sum(-1)
+        if evidence.free is not None:
+            picked = torch.where(self._columns(i, evidence.free), w[:, :, 0], picked)
+        return idx, candidates, w, picked
 
     @staticmethod
     def _with_topk_marginals(linear: torch.Tensor, first: torch.Tensor, candidates: torch.Tensor, w: torch.Tensor,
@@ -525,9 +548,9 @@ class InputLayer(nn.Module):
                 continue
             value = _categorical_rows(linear, bank, idx)  # (B, G, n)
             ev = None
-            if evidence is not None:  # exponentiated only where read: exp(w - m_b) <= 1
+            if evidence is not None:
                 ev = self._columns(i, evidence)[:, :, :k]  # (B, G, K) log-weights
-                value = value * torch.exp(torch.gather(ev, 2, idx.unsqueeze(-1)) - scale.unsqueeze(2))
+                value = value * _observed_evidence(ev, idx, scale)
             if missing is not None:
                 gone = self._columns(i, missing)
                 if ev is None:  # a normalised table sums to one; under autograd the sum carries the flows
@@ -547,14 +570,13 @@ class InputLayer(nn.Module):
         (B, G, K) log-weights, ``scale`` (B, 1)); with one shared table only the missing rows
         are exponentiated and go through the matrix product."""
         bucket = self.buckets[i]
-        batch, groups, k = ev.shape
+        batch, groups, _ = ev.shape
         if bucket["shared"] is None:
             theta = tables.linear(bucket["key"]).index_select(0, getattr(self, f"bank_{i}"))  # (G, n, K)
             w = torch.exp(ev - scale.unsqueeze(2))
             return torch.where(gone.unsqueeze(-1), torch.einsum("bgk,gnk->bgn", w, theta), value)
         theta = _bank(tables.linear(bucket["key"]), bucket["shared"]).t()  # (K, n): a transposed view, no copy
-        rows = gone.reshape(-1).nonzero().squeeze(1)
-        w = torch.exp(ev.reshape(batch * groups, k).index_select(0, rows) - scale.index_select(0, rows // groups))
+        rows, w = _missing_row_weights(ev, scale, gone)
         marginal = w @ theta  # (R, n)
         return value.reshape(batch * groups, -1).index_copy(0, rows, marginal).view(batch, groups, -1)
 

@@ -97,6 +97,14 @@ class ParameterLogTables(Mapping):
         return sum(1 for _ in self)
 
 
+def _fitting(buffer: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """``buffer`` when it has ``shape`` and ``like``'s dtype and device (a table's previous
+    memory, rewritten in place), else a new uninitialised tensor."""
+    if buffer is None or tuple(buffer.shape) != shape or buffer.dtype != like.dtype or buffer.device != like.device:
+        return like.new_empty(shape)
+    return buffer
+
+
 class CachedLogTables(Mapping):
     """The circuit's normalised log-tables from its runtime's cache: each bank is normalised
     (without autograd) on first access at its current parameter version, so an evaluation
@@ -120,10 +128,7 @@ class CachedLogTables(Mapping):
         def compute(buffer: torch.Tensor | None) -> torch.Tensor:
             if circuit.plan.banks[key].role == "input" and not circuit.bank_distribution(key).tabular:
                 return raw  # continuous banks are used as stored
-            shape = table_shape(circuit, key, raw)
-            if buffer is None or tuple(buffer.shape) != shape or buffer.dtype != raw.dtype or buffer.device != raw.device:
-                buffer = raw.new_empty(shape)
-            return normalise_log(circuit, key, raw, buffer)
+            return normalise_log(circuit, key, raw, _fitting(buffer, table_shape(circuit, key, raw), raw))
 
         return circuit.runtime.cached_log(key, bank_stamp(circuit, key), compute, shared)
 
@@ -254,12 +259,16 @@ class Tables:
         reaches the parameters in one pass over the table (:class:`_SoftmaxColumns`) instead of
         through a table-size zero tensor."""
         unique, inverse = torch.unique(columns, return_inverse=True)  # each column read once, in order
-        if self.cached or not self._row_softmax(key) or torch.is_inference_mode_enabled():
+        if self.cached or not self._buffered_softmax(key):
             return self.linear(key).index_select(-1, unique).index_select(-1, inverse)
         return _SoftmaxColumns.apply(self.circuit.bank_tensor(key), self._recomputed_linear(key), unique, inverse)
 
-    def _row_softmax(self, key: str) -> bool:
-        """Whether bank ``key``'s linear table is a plain softmax over its last dimension."""
+    def _buffered_softmax(self, key: str) -> bool:
+        """Whether bank ``key``'s linear table is a plain softmax over its last dimension that
+        may be computed into the runtime's buffer (not in inference mode: no runtime buffer
+        may hold an inference tensor)."""
+        if torch.is_inference_mode_enabled():
+            return False
         bank = self.circuit.plan.banks[key]
         return bank.role == "dense_sum" or (bank.role == "input" and isinstance(self.circuit.bank_distribution(key), Categorical))
 
@@ -270,9 +279,7 @@ class Tables:
         raw = circuit.bank_tensor(key).detach()
 
         def compute(buffer: torch.Tensor | None) -> torch.Tensor:
-            if buffer is None or buffer.shape != raw.shape or buffer.dtype != raw.dtype or buffer.device != raw.device:
-                buffer = None
-            return normalise_linear(circuit, key, raw, buffer)
+            return normalise_linear(circuit, key, raw, _fitting(buffer, tuple(raw.shape), raw))
 
         return circuit.runtime.recomputed_linear(key, bank_stamp(circuit, key), compute)
 
@@ -282,7 +289,7 @@ class Tables:
         table buffer (reused from step to step: no table-size allocation; then also valid for
         no-grad calls at these parameters) and takes its gradient from :class:`_RowSoftmax`."""
         raw = self.circuit.bank_tensor(key)
-        if not self._row_softmax(key) or torch.is_inference_mode_enabled():  # (no runtime buffer holds an inference tensor)
+        if not self._buffered_softmax(key):
             return normalise_linear(self.circuit, key, raw, None)
         return _RowSoftmax.apply(raw, self._recomputed_linear(key))
 
@@ -294,8 +301,7 @@ class Tables:
         def compute(buffer: torch.Tensor | None) -> torch.Tensor:  # runs only when the entry is stale
             natural_shape = table_shape(circuit, key, raw)
             shape = (natural_shape[0], natural_shape[2], natural_shape[1]) if transposed else natural_shape
-            if buffer is None or tuple(buffer.shape) != shape or buffer.dtype != raw.dtype or buffer.device != raw.device:
-                buffer = raw.new_empty(shape)
+            buffer = _fitting(buffer, shape, raw)
             if not transposed:
                 return normalise_linear(circuit, key, raw, buffer)
             natural = normalise_linear(circuit, key, raw, runtime.natural_scratch(natural_shape, raw))
